@@ -1,0 +1,196 @@
+"""Save and load training checkpoints atomically, and verify them on load.
+
+A checkpoint is a directory `step_00000100/` holding the model (safetensors), the optimizer
+state, RNG states and `trainer.json` (step, tokens, loader state, recipe), plus `MANIFEST.json`
+with every file's size and sha256. It is written under a temporary name and renamed into place,
+so a kill mid-save leaves the previous checkpoint as the latest one; a truncated or edited file
+fails verification with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "lmforge-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupted."""
+
+
+@dataclass
+class TrainerState:
+    step: int
+    tokens: int
+    loader: dict[str, Any]
+    recipe: dict[str, Any]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    keep_last: int = 2,
+) -> Path:
+    """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`."""
+    final = directory / f"step_{state.step:08d}"
+    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    trainer = {"format": FORMAT, "step": state.step, "tokens": state.tokens,
+               "loader": state.loader, "recipe": state.recipe}
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
+    _write_manifest(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(directory)
+    _prune(directory, keep_last)
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest completed checkpoint (renamed into place, with a manifest), if any."""
+    done = sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> TrainerState:
+    """Verify, then restore the model, optimizer and RNG states; return the trainer state."""
+    verify_checkpoint(path)
+    state = load_file(str(path / "model.safetensors"), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model.safetensors does not fit the model: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    trainer = json.loads((path / "trainer.json").read_text())
+    return TrainerState(trainer["step"], trainer["tokens"], trainer["loader"], trainer["recipe"])
+
+
+def load_model_weights(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Only the weights (for eval/generate/export); returns the recipe saved with them."""
+    verify_checkpoint(path)
+    state = load_file(str(path / "model.safetensors"), device="cpu")
+    model.load_state_dict(state, strict=False)
+    return json.loads((path / "trainer.json").read_text())["recipe"]
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    verify_checkpoint(path)
+    return json.loads((path / "trainer.json").read_text())["recipe"]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file against the manifest; raise CheckpointError naming the first bad one."""
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not manifest_path.exists():
+        raise CheckpointError(f"{manifest_path}: missing; the checkpoint is incomplete")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(
+                f"{file}: truncated or changed: {size} bytes, manifest says {meta['bytes']}"
+            )
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file}: checksum mismatch; the file is corrupted")
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the tied duplicate of the embedding (safetensors rejects aliases)."""
+    state = model.state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_tied(model, k)}
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return key == "lm_head.weight" and bool(getattr(cfg, "tie_embeddings", False))
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {}
+    for file in sorted(directory.iterdir()):
+        with file.open("rb") as f:
+            os.fsync(f.fileno())
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    manifest = directory / MANIFEST
+    manifest.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
+    with manifest.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    done = sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)

@@ -1,0 +1,124 @@
+"""The `lmforge` command: one verb per pipeline stage, each a thin call into pipeline.py.
+
+    lmforge <verb> [RECIPE.yaml] [section.key=value ...] [options]
+
+Without a recipe file the embedded demo defaults are used. Multi-process runs are the same verb
+under torchrun: `torchrun --nproc-per-node 8 -m lmforge pretrain recipe.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lmforge import __version__, pipeline
+from lmforge.checkpoint import CheckpointError
+from lmforge.data.shards import ShardError
+from lmforge.data.sources import DataError
+from lmforge.logs import setup_logging
+from lmforge.recipe import Recipe, RecipeError, load_recipe
+
+USER_ERRORS = (RecipeError, DataError, ShardError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def cmd_train_tokenizer(recipe: Recipe, args: argparse.Namespace) -> None:
+    tok = pipeline.train_tokenizer_stage(recipe)
+    print(f"tokenizer: {tok.vocab_size} tokens → {pipeline.RunPaths(recipe.run_dir).tokenizer}")
+
+
+def cmd_tokenize(recipe: Recipe, args: argparse.Namespace) -> None:
+    manifest = pipeline.tokenize_stage(recipe)
+    print(json.dumps(manifest["splits"], indent=2))
+
+
+def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
+    records = pipeline.pretrain_stage(recipe, resume=args.resume)
+    if records:
+        print(json.dumps(records[-1]))
+
+
+def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
+    print(json.dumps(pipeline.eval_stage(recipe, args.checkpoint), indent=2))
+
+
+def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:
+    prompts = args.prompt or list(recipe.demo.prompts)
+    for prompt, text in zip(prompts, pipeline.generate_stage(recipe, prompts, args.checkpoint)):
+        print(f"### {prompt}\n{prompt}{text}\n")
+
+
+def cmd_export(recipe: Recipe, args: argparse.Namespace) -> None:
+    print(pipeline.export_stage(recipe, args.checkpoint, args.out))
+
+
+def cmd_run(recipe: Recipe, args: argparse.Namespace) -> None:
+    summary = pipeline.run_all(recipe)
+    samples = summary.pop("samples")
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    for prompt, text in samples.items():
+        print(f"\n### sample: {prompt!r}\n{prompt}{text}")
+
+
+VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
+    "train-tokenizer": (cmd_train_tokenizer, "train the byte-level BPE tokenizer"),
+    "tokenize": (cmd_tokenize, "tokenize the corpus into train/val shards"),
+    "pretrain": (cmd_pretrain, "pretrain the model on the shards"),
+    "eval": (cmd_eval, "held-out loss, perplexity and bits per byte"),
+    "generate": (cmd_generate, "sample continuations of prompts"),
+    "export": (cmd_export, "write a Hugging Face LlamaForCausalLM folder"),
+    "run": (cmd_run, "every stage of a recipe, in order"),
+    "demo": (cmd_run, "every stage on the embedded tiny bilingual + code default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (_, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]",
+                       help="a recipe file (default: the embedded demo) and dotted overrides")
+        p.add_argument("--corpus", action="append", metavar="PATH",
+                       help="replace the recipe's sources: a file, dir, glob or hf:NAME[:split]")
+        p.add_argument("--text-field", default="text", help="JSON field holding the text")
+        if verb == "pretrain":
+            p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+        if verb in ("eval", "generate", "export"):
+            p.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
+        if verb == "generate":
+            p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+        if verb == "export":
+            p.add_argument("--out", help="output folder (default: RUN_DIR/hf)")
+    return parser
+
+
+def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
+    files = [a for a in args.args if "=" not in a]
+    overrides = [a for a in args.args if "=" in a]
+    if len(files) > 1 or (files and verb == "demo"):
+        raise RecipeError(f"expected at most one recipe file, got {files}")
+    if args.corpus:
+        sources = [{"name": f"corpus{i}", "path": p, "text_field": args.text_field}
+                   for i, p in enumerate(args.corpus)]
+        overrides.append("data.sources=" + json.dumps(sources))
+    return load_recipe(Path(files[0]) if files else None, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        recipe = recipe_from_args(args.verb, args)
+        VERBS[args.verb][0](recipe, args)
+    except USER_ERRORS as e:
+        print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

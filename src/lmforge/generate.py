@@ -1,0 +1,150 @@
+"""Text generation: pick the next token (greedy, temperature, top-k, top-p), decode with a KV cache.
+
+One prompt at a time: prefill the prompt in one forward pass, then feed one token per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from lmforge.model.attention import KVCache
+from lmforge.model.llama import Llama
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig:
+    max_new_tokens: int = 64
+    """Most tokens to generate after the prompt (a stop token, if hit, counts as one)."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy (argmax), ignoring top_k and top_p."""
+    top_k: int | None = 50
+    """Sample only among the k most likely tokens; None keeps all."""
+    top_p: float | None = 0.95
+    """Nucleus: keep the fewest top tokens whose probability reaches top_p; None keeps all."""
+    seed: int = 0
+    """Seed of the sampling generator when the caller passes none."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"generate.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(
+                f"generate.temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"generate.top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"generate.top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+class TextTokenizer(Protocol):
+    """What `generate_text` needs from a tokenizer."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+
+def _top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf (ties at the k-th are kept)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their probability sums to p; the top one always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V).
+
+    Greedy at temperature 0; else scale by temperature, filter top-k then top-p, and sample.
+    """
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None:
+        logits = _top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = _top_p_filter(logits, cfg.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits (1, V) of the last position only, appending ids (1, T) to the cache."""
+    hidden = model.hidden_states(ids, cache=cache)  # (1, T, d)
+    return model.lm_head(hidden[:, -1])
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    prompt_ids: list[int],
+    cfg: GenerateConfig,
+    stop_ids: Collection[int] = (),
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """New token ids after prompt_ids: at most cfg.max_new_tokens, ending at a stop id if hit."""
+    if not prompt_ids:
+        raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
+    param = next(model.parameters())
+    if generator is None:
+        generator = torch.Generator(device=param.device).manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(
+            model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, param.device, param.dtype
+        )
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
+        new: list[int] = []
+        while len(new) < cfg.max_new_tokens:
+            token = sample_next(_last_logits(model, ids, cache), cfg, generator)  # (1,)
+            new.append(int(token.item()))
+            if new[-1] in stop_ids:
+                break
+            ids = token.view(1, 1)
+    finally:
+        model.train(was_training)
+    log.debug("generated %d tokens after a %d-token prompt", len(new), len(prompt_ids))
+    return new
+
+
+def generate_text(
+    model: Llama,
+    tokenizer: TextTokenizer,
+    prompt: str,
+    cfg: GenerateConfig,
+    generator: torch.Generator | None = None,
+) -> str:
+    """Continue prompt (BOS prepended) until EOS or cfg.max_new_tokens; decoded, EOS dropped."""
+    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    new = generate(model, prompt_ids, cfg, stop_ids=(tokenizer.eos_id,), generator=generator)
+    if new and new[-1] == tokenizer.eos_id:
+        new = new[:-1]
+    return tokenizer.decode(new)

@@ -1,0 +1,49 @@
+"""Logging setup (rank 0 speaks), per-step metrics as JSONL, and progress bars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One stderr handler; ranks other than 0 only report warnings and errors."""
+    rank = int(os.environ.get("RANK", "0"))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("lmforge")
+    root.handlers[:] = [handler]
+    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+def progress(total: int | None, desc: str, initial: int = 0, unit: str = "it") -> tqdm:
+    """A tqdm bar on rank 0 only; silent when LMFORGE_NO_PROGRESS is set (tests, CI logs)."""
+    disable = int(os.environ.get("RANK", "0")) != 0 or bool(os.environ.get("LMFORGE_NO_PROGRESS"))
+    return tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=disable, leave=False)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; flushed at once so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

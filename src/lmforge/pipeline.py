@@ -1,0 +1,172 @@
+"""Every stage of a recipe, in pipeline order; the only module that knows the whole chain.
+
+Stages talk through files in the run directory:
+`tokenizer.json` → `shards/` → `checkpoints/step_*/` + `metrics.jsonl` → `eval.json`, `hf/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
+from lmforge.data.loader import DocumentSet, PackedLoader
+from lmforge.data.shards import list_shards
+from lmforge.data.tokenize import iter_corpus, tokenize_corpus
+from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
+from lmforge.dist import rank, resolve_device, world_size
+from lmforge.eval.perplexity import evaluate_perplexity
+from lmforge.export import export_hf
+from lmforge.generate import GenerateConfig, generate_text
+from lmforge.model.llama import Llama
+from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
+from lmforge.train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+class RunPaths:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir)
+        self.tokenizer = self.root / "tokenizer.json"
+        self.shards = self.root / "shards"
+        self.checkpoints = checkpoint_dir(self.root)
+        self.metrics = self.root / "metrics.jsonl"
+        self.eval = self.root / "eval.json"
+        self.export = self.root / "hf"
+
+
+def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
+    paths = RunPaths(recipe.run_dir)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    texts = (text for _, text in iter_corpus(recipe.data))
+    tokenizer = train_tokenizer(texts, recipe.tokenizer)
+    tokenizer.save(paths.tokenizer)
+    log.info("trained tokenizer: %d tokens → %s", tokenizer.vocab_size, paths.tokenizer)
+    return tokenizer
+
+
+def tokenize_stage(recipe: Recipe) -> dict[str, Any]:
+    paths = RunPaths(recipe.run_dir)
+    tokenizer = TextTokenizer.load(paths.tokenizer)
+    return tokenize_corpus(recipe.data, tokenizer, paths.shards)
+
+
+def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
+    paths = RunPaths(recipe.run_dir)
+    tokenizer = TextTokenizer.load(paths.tokenizer)
+    if recipe.model.vocab_size < tokenizer.vocab_size:
+        raise RecipeError(f"model.vocab_size {recipe.model.vocab_size} < the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens ({paths.tokenizer})")
+    save_recipe(recipe, paths.root / "recipe.yaml")
+    torch.manual_seed(recipe.seed)
+    model = Llama(recipe.model)
+    log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
+    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    docs = DocumentSet(list_shards(paths.shards, "train"))
+    loader = PackedLoader(docs, recipe.packing, recipe.train.micro_batch_size, special,
+                          seed=recipe.seed, rank=rank(), world_size=world_size())
+    val = DocumentSet(list_shards(paths.shards, "val"))
+
+    def evaluate(m: Llama) -> dict[str, float]:
+        return perplexity(m, val, recipe, special, resolve_device(recipe.train.device))
+
+    return train(model, loader, recipe.train, recipe.optim, recipe.schedule, paths.root,
+                 recipe_to_dict(recipe), evaluate, recipe.eval.every_steps, resume)
+
+
+def perplexity(
+    model: Llama, val: DocumentSet, recipe: Recipe, special: tuple[int, int, int],
+    device: torch.device, max_batches: int | None = -1,
+) -> dict[str, float]:
+    """Held-out metrics on the val split, with the recipe's packing (masking on or off)."""
+    loader = PackedLoader(val, recipe.packing, recipe.eval.batch_size, special, shuffle=False)
+    cap = recipe.eval.max_batches if max_batches == -1 else max_batches
+    bytes_per_target = val.num_bytes / (val.num_tokens + val.num_docs)
+    amp = torch.bfloat16 if recipe.train.precision == "bf16" else None
+    return evaluate_perplexity(model, itertools.islice(loader, cap), device, bytes_per_target, amp)
+
+
+def load_trained(checkpoint: Path) -> tuple[Llama, Recipe]:
+    """The model in a checkpoint, built from the recipe saved with it."""
+    recipe = build(Recipe, read_recipe(checkpoint), str(checkpoint / "trainer.json"), "")
+    model = Llama(recipe.model)
+    load_model_weights(checkpoint, model)
+    return model.eval(), recipe
+
+
+def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:
+    if checkpoint is not None:
+        return Path(checkpoint)
+    found = latest_checkpoint(RunPaths(recipe.run_dir).checkpoints)
+    if found is None:
+        raise FileNotFoundError(f"{RunPaths(recipe.run_dir).checkpoints}: no checkpoint; "
+                                "run 'lmforge pretrain' first or pass --checkpoint")
+    return found
+
+
+def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, float]:
+    """Perplexity and bits per byte on the whole val split of the recipe's shards."""
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
+    paths = RunPaths(recipe.run_dir)
+    tokenizer = TextTokenizer.load(paths.tokenizer)
+    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    val = DocumentSet(list_shards(paths.shards, "val"))
+    device = resolve_device(recipe.train.device)
+    result = {"checkpoint": str(path),
+              **perplexity(model.to(device), val, trained, special, device, max_batches=None)}
+    paths.eval.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def generate_stage(
+    recipe: Recipe, prompts: list[str], checkpoint: str | Path | None = None,
+    cfg: GenerateConfig | None = None,
+) -> list[str]:
+    model, _ = load_trained(find_checkpoint(recipe, checkpoint))
+    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    cfg = cfg or recipe.generate
+    return [generate_text(model, tokenizer, p, replace(cfg, seed=cfg.seed + i))
+            for i, p in enumerate(prompts)]
+
+
+def export_stage(
+    recipe: Recipe, checkpoint: str | Path | None = None, out: str | Path | None = None
+) -> Path:
+    model, trained = load_trained(find_checkpoint(recipe, checkpoint))
+    paths = RunPaths(recipe.run_dir)
+    special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+    target = Path(out) if out is not None else paths.export
+    return export_hf(model, target, tokenizer_file=paths.tokenizer, special_tokens=special,
+                     max_position_embeddings=trained.packing.seq_len)
+
+
+def run_all(recipe: Recipe) -> dict[str, Any]:
+    """tokenizer → shards → pretrain → eval → samples → export, for one recipe."""
+    train_tokenizer_stage(recipe)
+    manifest = tokenize_stage(recipe)
+    records = pretrain_stage(recipe)
+    metrics = eval_stage(recipe)
+    samples = dict(zip(recipe.demo.prompts, generate_stage(recipe, list(recipe.demo.prompts))))
+    export = export_stage(recipe)
+    summary = {"run_dir": recipe.run_dir, "train_tokens": manifest["splits"]["train"]["tokens"],
+               "steps": records[-1]["step"] if records else 0,
+               "final_train_loss": records[-1]["loss"] if records else None,
+               "tok_per_s": _median([r["tok_per_s"] for r in records[1:]] or [0.0]),
+               **metrics, "samples": samples, "export": str(export)}
+    (RunPaths(recipe.run_dir).root / "summary.json").write_text(
+        json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
+

@@ -1,0 +1,168 @@
+"""YAML recipes and dotted command-line overrides → one frozen, typed Recipe.
+
+Every section is the config dataclass of the module that uses it; this loader only walks their
+fields and type hints. A wrong key or type is an error naming the file and the key path, e.g.
+`recipes/x.yaml: model.num_heads: expected int, got 'four'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmforge.data.packing import PackingConfig
+from lmforge.data.tokenize import DataConfig
+from lmforge.data.tokenizer import TokenizerConfig
+from lmforge.eval.perplexity import EvalConfig
+from lmforge.generate import GenerateConfig
+from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.train.loop import TrainConfig
+from lmforge.train.optim import OptimConfig
+from lmforge.train.schedule import ScheduleConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that does not fit the config types; the message names file and key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    prompts: tuple[str, ...] = ("The Python language reference", "中国人民", "def main(")
+    """Prompts sampled after training: English, Chinese, code."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    run_dir: str = "runs/demo"
+    """Where every stage reads and writes: tokenizer, shards, checkpoints, metrics, export."""
+    seed: int = 1337
+    """Seeds model init, data order and sampling."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (None = the built-in demo defaults) and apply `a.b=value` overrides."""
+    where = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"{where}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{where}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(Recipe, raw, where, "")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"override {item!r}: expected key.path=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def build(cls: type, raw: Any, where: str, path: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: {path or 'recipe'}: expected a mapping, got {raw!r}")
+    raw = dict(raw)
+    if cls is ModelConfig and "preset" in raw:
+        raw = _with_preset(raw, where, path)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise RecipeError(f"{where}: {key_path}: unknown key; expected one of {sorted(names)}")
+        kwargs[key] = _convert(hints[key], value, where, key_path)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {path or 'recipe'}: {e}") from None
+
+
+def _with_preset(raw: dict[str, Any], where: str, path: str) -> dict[str, Any]:
+    name = raw.pop("preset")
+    if name not in PRESETS:
+        raise RecipeError(f"{where}: {path}.preset: unknown preset {name!r}; one of {sorted(PRESETS)}")
+    return {**dataclasses.asdict(PRESETS[name]), **raw}
+
+
+def _convert(hint: Any, value: Any, where: str, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where, path)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where, path)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: {path}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise RecipeError(f"{where}: {path}: expected a list, got {value!r}")
+        return tuple(_convert(args[0], v, where, f"{path}[{i}]") for i, v in enumerate(value))
+    return _scalar(hint, value, where, path)
+
+
+def _scalar(hint: Any, value: Any, where: str, path: str) -> Any:
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }
+    if hint not in ok:
+        raise RecipeError(f"{where}: {path}: unsupported config type {hint!r}")
+    if not ok[hint]:
+        raise RecipeError(f"{where}: {path}: expected {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain data (lists, not tuples) for YAML/JSON, loadable again with load_recipe."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    text = yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,169 @@
+"""The training loop in one function: batch, forward, loss, backward, clip, step, log, eval, save.
+
+Global `batch_tokens` is the math; the gradient-accumulation count is derived from it, the
+micro-batch size, the sequence length and the world size. The loss of a step is the mean over
+all its target tokens (summed per micro-batch, divided by the step's total), so 4 micro-batches
+of 1 row equal 1 micro-batch of 4 rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import (
+    TrainerState,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lmforge.data.loader import PackedLoader
+from lmforge.data.packing import IGNORE_INDEX, PackedBatch
+from lmforge.dist import resolve_device, world_size
+from lmforge.logs import MetricsWriter, progress, read_metrics
+from lmforge.model.llama import Llama
+from lmforge.perf import measure_matmul_peak
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.schedule import ScheduleConfig, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_tokens: int = 1_200_000
+    """Training budget in tokens (inputs seen, padding included)."""
+    batch_tokens: int = 8192
+    """Global tokens per optimizer step; must be a multiple of micro_batch_size·seq_len·world."""
+    micro_batch_size: int = 16
+    """Rows per forward/backward on each rank."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 autocast with fp32 weights, gradients and loss reduction; or plain fp32."""
+    compile: bool = False
+    """torch.compile the model for the training step."""
+    device: str = "auto"
+    """'auto' (cuda if present, else cpu), or a torch device string."""
+    save_every_steps: int = 100
+    """Checkpoint every this many steps, and always at the end."""
+    keep_last: int = 2
+    """Completed checkpoints to keep."""
+    log_every_steps: int = 10
+    """Log a line every this many steps (every step goes to metrics.jsonl)."""
+
+
+def grad_accum_steps(cfg: TrainConfig, seq_len: int, world: int) -> int:
+    per_pass = cfg.micro_batch_size * seq_len * world
+    if cfg.batch_tokens % per_pass:
+        raise ValueError(
+            f"train.batch_tokens {cfg.batch_tokens} is not a multiple of micro_batch_size "
+            f"{cfg.micro_batch_size} × seq_len {seq_len} × world {world} = {per_pass}"
+        )
+    return cfg.batch_tokens // per_pass
+
+
+def train(
+    model: Llama,
+    loader: PackedLoader,
+    cfg: TrainConfig,
+    optim_cfg: OptimConfig,
+    schedule: ScheduleConfig,
+    run_dir: Path,
+    recipe: dict[str, Any],
+    evaluate: Callable[[Llama], dict[str, float]] | None = None,
+    eval_every_steps: int = 0,
+    resume: bool = False,
+) -> list[dict[str, Any]]:
+    """Train until cfg.max_tokens; return the per-step metric records of this call."""
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, optim_cfg)
+    seq_len = loader.packing.seq_len
+    accum = grad_accum_steps(cfg, seq_len, world_size())
+    total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
+    ckpt_dir = checkpoint_dir(run_dir)
+    step, tokens = 0, 0
+    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+        state = load_checkpoint(last, model, optimizer)
+        step, tokens = state.step, state.tokens
+        loader.load_state_dict(state.loader)
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
+    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    peak = measure_matmul_peak(amp_dtype or torch.float32, device)
+    flops_per_token = model.cfg.flops_per_token(seq_len)
+    forward = torch.compile(model) if cfg.compile else model
+    batches: Iterator[PackedBatch] = iter(loader)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    records: list[dict[str, Any]] = []
+    bar = progress(total_steps, "pretrain", initial=step, unit="step")
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(tokens, cfg.max_tokens, optim_cfg.lr, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(batches) for _ in range(accum)]
+        targets = sum(b.num_targets for b in micro)
+        loss_sum = 0.0
+        for batch in micro:
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = forward(batch.input_ids, batch.positions)
+            loss = F.cross_entropy(  # fp32 reduction over the whole step's targets
+                logits.float().flatten(0, 1), batch.labels.flatten(),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            ) / max(targets, 1)
+            loss.backward()
+            loss_sum += loss.item()
+        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = accum * loader.batch_size * seq_len * world_size()
+        tokens += step_tokens
+        dt = time.perf_counter() - t0
+        record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
+                  "grad_norm": grad_norm, "tok_per_s": step_tokens / dt,
+                  "mfu": flops_per_token * step_tokens / dt / peak, "seq_len": seq_len}
+        if evaluate is not None and (step == total_steps or
+                                     (eval_every_steps and step % eval_every_steps == 0)):
+            record.update(evaluate(model))
+        metrics.write(record)
+        records.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+        if step % cfg.log_every_steps == 0 or step == total_steps or "val_loss" in record:
+            log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+        if step % cfg.save_every_steps == 0 or step == total_steps:
+            state = TrainerState(step, tokens, loader.state_dict(), recipe)
+            save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
+    bar.close()
+    metrics.close()
+    return records
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    writer = MetricsWriter(tmp)
+    for r in kept:
+        writer.write(r)
+    writer.close()
+    tmp.replace(path)

@@ -1,0 +1,45 @@
+"""AdamW with decoupled weight decay on matrices only (norm gains and embeddings are not decayed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (the schedule scales it)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on 2-D weights except embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this; 0 disables clipping."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay projection matrices; leave norms and the input embedding undecayed."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        foreach=True,
+    )

@@ -1,0 +1,135 @@
+"""Reading raw documents: formats, path kinds, byte caps, and errors that name path:line."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.corpus import iter_builtin
+from lmforge.data.sources import DataError, SourceConfig, read_documents
+
+
+def _write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def _read(path: Path | str, text_field: str = "text", max_bytes: int | None = None) -> list[str]:
+    source = SourceConfig(name="t", path=str(path), text_field=text_field, max_bytes=max_bytes)
+    return list(read_documents(source))
+
+
+def test_jsonl_yields_text_field_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"body": "one"}\n\n   \n{"body": "two\\nlines"}\r\n{"body": ""}\n')
+    assert _read(path, text_field="body") == ["one", "two\nlines"]
+
+
+def test_jsonl_gz_and_txt_and_directory_are_read_in_sorted_order(tmp_path: Path) -> None:
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "gz doc 中文"}) + "\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("whole file\n  is one doc\n")
+    _write_jsonl(tmp_path / "a.jsonl", ["a1", "a2"])
+    (tmp_path / "ignored.csv").write_text("x,y\n")
+    assert _read(tmp_path) == ["a1", "a2", "gz doc 中文", "whole file\n  is one doc\n"]
+    assert _read(tmp_path / "*.jsonl*") == ["a1", "a2", "gz doc 中文"]
+
+
+def test_max_bytes_stops_early(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "a.jsonl", ["x" * 100] * 10)
+    assert len(_read(path, max_bytes=250)) == 3
+
+
+def test_malformed_json_names_path_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": "oops"\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: malformed JSON")):
+        _read(path)
+
+
+def test_invalid_utf8_names_path_line_and_offset(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(
+        DataError, match=re.escape(f"{path}:2: invalid UTF-8 byte 0xe9 at byte offset 28")
+    ):
+        _read(path)
+
+
+def test_invalid_utf8_in_txt_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"line one\nline two \xff\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid UTF-8")):
+        _read(path)
+
+
+def test_missing_text_field_names_path_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: missing text field 'text'")):
+        _read(path)
+
+
+def test_non_string_text_field_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: text field 'text' must be a string")):
+        _read(path)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", '{"text": ""}\n'])
+def test_empty_file_has_no_documents(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"{path}: no documents")):
+        _read(path)
+
+
+def test_missing_path_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        _read(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="no files match"):
+        _read(tmp_path / "nope*.jsonl")
+
+
+def test_hf_source_without_datasets_says_how_to_install() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="pip install datasets"):
+            _read("hf:some/dataset:train")
+    else:
+        pytest.skip("datasets is installed")
+
+
+def test_unknown_builtin_lists_valid_names() -> None:
+    with pytest.raises(DataError, match="builtin:english, builtin:chinese, builtin:code"):
+        _read("builtin:klingon")
+
+
+@pytest.mark.parametrize("name", ["english", "chinese", "code"])
+def test_builtin_corpora_yield_nonempty_documents(name: str) -> None:
+    docs = list(itertools.islice(iter_builtin(name), 50))
+    assert len(docs) == 50 and all(docs)
+    assert docs == list(itertools.islice(iter_builtin(name), 50))  # deterministic
+
+
+def test_builtin_chinese_is_plain_chinese_from_both_kinds() -> None:
+    docs = _read("builtin:chinese", max_bytes=20_000)
+    assert len(docs) >= 4
+    for doc in docs:
+        assert re.search(r"[\u4e00-\u9fff]", doc)
+        assert not re.search(r"/[A-Za-z]{1,3}\b", doc), doc[:200]
+        assert len(doc.encode("utf-8")) < 8_000
+    assert any("中共中央" in d for d in docs)  # People's Daily text is in the first few docs
+
+
+def test_builtin_code_is_python_source() -> None:
+    docs = _read("builtin:code", max_bytes=100_000)
+    assert any("def " in d for d in docs)

@@ -1,0 +1,145 @@
+"""Sources to shards: documents decode back, counts add up, failures leave nothing behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.shards import list_shards, open_shard
+from lmforge.data.sources import DataError, SourceConfig
+from lmforge.data.tokenize import DataConfig, iter_corpus, split_of, tokenize_corpus
+from lmforge.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
+
+ENGLISH = [f"Document number {i}: the cat sat on mat {i * 7}.\n" * (1 + i % 3) for i in range(40)]
+CHINESE = [f"第{i}篇文章。今天天气很好，我们去公园散步。" * (1 + i % 2) for i in range(30)]
+CODE = [f"def f{i}(x):\n\treturn x * {i}  # comment\n" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return train_tokenizer(ENGLISH + CHINESE + CODE, TokenizerConfig(vocab_size=512))
+
+
+def _sources(root: Path) -> tuple[SourceConfig, ...]:
+    (root / "en").mkdir()
+    (root / "en" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ENGLISH))
+    with gzip.open(root / "zh.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": t}, ensure_ascii=False) + "\n" for t in CHINESE)
+    (root / "code").mkdir()
+    for i, text in enumerate(CODE):
+        (root / "code" / f"f{i:02d}.txt").write_text(text)
+    return (
+        SourceConfig(name="english", path=str(root / "en")),
+        SourceConfig(name="chinese", path=str(root / "zh.jsonl.gz"), text_field="body"),
+        SourceConfig(name="code", path=str(root / "code" / "*.txt")),
+    )
+
+
+def _decoded(out: Path, split: str, tokenizer: TextTokenizer) -> list[str]:
+    texts = []
+    for path in list_shards(out, split):
+        shard = open_shard(path)
+        assert shard.tokenizer_sha256 == tokenizer.sha256
+        for i in range(shard.num_docs):
+            text = tokenizer.decode(shard.document(i).tolist())
+            assert shard.doc_bytes[i] == len(text.encode("utf-8"))
+            texts.append(text)
+    return texts
+
+
+def test_shards_decode_back_to_the_source_documents(
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
+    cfg = DataConfig(
+        sources=_sources(tmp_path), heldout_fraction=0.2, shard_tokens=500, batch_docs=7
+    )
+    out = tmp_path / "tokens"
+    manifest = tokenize_corpus(cfg, tokenizer, out)
+    train, val = _decoded(out, "train", tokenizer), _decoded(out, "val", tokenizer)
+    assert Counter(train + val) == Counter(ENGLISH + CHINESE + CODE)
+    assert val and all(split_of(t, 0.2) == "val" for t in val)
+    assert len(list_shards(out, "train")) > 1  # rolled over at shard_tokens
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "en", "tokens", "zh.jsonl.gz"]
+
+
+def test_manifest_counts_add_up(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    cfg = DataConfig(sources=_sources(tmp_path), heldout_fraction=0.2, shard_tokens=500)
+    out = tmp_path / "tokens"
+    manifest = tokenize_corpus(cfg, tokenizer, out)
+    assert manifest["vocab_size"] == tokenizer.vocab_size
+    sources = manifest["sources"]
+    assert sources["code"]["train"]["docs"] + sources["code"]["val"]["docs"] == len(CODE)
+    for split in ("train", "val"):
+        totals = manifest["splits"][split]
+        for key in ("docs", "tokens", "bytes"):
+            assert totals[key] == sum(s[split][key] for s in sources.values())
+        shards = [open_shard(out / name) for name in totals["shards"]]
+        assert totals["tokens"] == sum(s.num_tokens for s in shards)
+        assert totals["bytes"] == sum(int(s.doc_bytes.sum()) for s in shards)
+    all_bytes = sum(len(t.encode("utf-8")) for t in ENGLISH + CHINESE + CODE)
+    assert manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"] == all_bytes
+    assert sorted(manifest["shards"]) == sorted(p.name for p in out.glob("*.bin"))
+
+
+def test_val_is_never_empty_with_two_docs(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    (tmp_path / "two.jsonl").write_text('{"text": "first doc"}\n{"text": "second doc"}\n')
+    cfg = DataConfig(sources=(SourceConfig(name="s", path=str(tmp_path / "two.jsonl")),))
+    manifest = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
+    assert manifest["splits"]["val"]["docs"] == 1 and manifest["splits"]["train"]["docs"] == 1
+
+
+def test_failing_source_leaves_no_output_and_old_output_untouched(
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "good"}\n' * 3)
+    (data / "b.jsonl").write_text('{"text": "good"}\n{"text": broken\n')
+    cfg = DataConfig(sources=(SourceConfig(name="s", path=str(data)),), batch_docs=2)
+    with pytest.raises(DataError, match="b.jsonl:2: malformed JSON"):
+        tokenize_corpus(cfg, tokenizer, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text("previous run")
+    with pytest.raises(DataError):
+        tokenize_corpus(cfg, tokenizer, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "old"]
+    assert [p.name for p in old.iterdir()] == ["manifest.json"]
+    assert (old / "manifest.json").read_text() == "previous run"
+
+
+def test_success_replaces_old_output(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.bin").write_text("x")
+    cfg = DataConfig(sources=_sources(tmp_path))
+    tokenize_corpus(cfg, tokenizer, out)
+    assert not (out / "stale.bin").exists() and (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code", "en", "out", "zh.jsonl.gz"]
+
+
+def test_iter_corpus_yields_every_source_in_order(tmp_path: Path) -> None:
+    cfg = DataConfig(sources=_sources(tmp_path))
+    pairs = list(iter_corpus(cfg))
+    assert [t for _, t in pairs] == ENGLISH + CHINESE + CODE
+    assert [n for n, _ in pairs[:1] + pairs[-1:]] == ["english", "code"]
+
+
+def test_default_demo_sources_total_about_one_and_a_half_megabytes() -> None:
+    cfg = DataConfig()
+    assert [s.path for s in cfg.sources] == ["builtin:english", "builtin:chinese", "builtin:code"]
+    total = sum(len(t.encode("utf-8")) for _, t in iter_corpus(cfg))
+    assert 1_300_000 < total < 1_700_000
+
+
+def test_duplicate_source_names_are_rejected() -> None:
+    source = SourceConfig(name="a", path="x.jsonl")
+    with pytest.raises(DataError, match="unique names"):
+        DataConfig(sources=(source, source))

@@ -1,0 +1,139 @@
+"""Sampling rules and KV-cached decoding of lmforge.generate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lmforge.generate import GenerateConfig, generate, generate_text, sample_next
+from lmforge.model.config import ModelConfig
+from lmforge.model.llama import Llama
+
+GREEDY = GenerateConfig(max_new_tokens=12, temperature=0.0)
+PROMPT = [5, 17, 3, 42, 8]
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=96, init_std=0.2
+    )
+    return Llama(cfg).eval()
+
+
+def greedy_by_recompute(model: Llama, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with a full forward pass over the whole sequence at every step, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_generation_with_cache_equals_full_recompute(model: Llama) -> None:
+    assert generate(model, PROMPT, GREEDY) == greedy_by_recompute(model, PROMPT, 12)
+
+
+def test_greedy_equals_transformers_generate(model: Llama) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = model.cfg
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.d_model,
+            intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            rms_norm_eps=cfg.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    ).eval()
+    hf.load_state_dict(
+        {k if k.startswith("lm_head.") else f"model.{k}": v for k, v in model.state_dict().items()}
+    )
+    ids = torch.tensor([PROMPT])
+    out = hf.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8
+    )
+    assert generate(model, PROMPT, GenerateConfig(max_new_tokens=8, temperature=0.0)) == (
+        out[0, len(PROMPT) :].tolist()
+    )
+
+
+def test_top_k_one_equals_greedy(model: Llama) -> None:
+    cfg = GenerateConfig(max_new_tokens=12, temperature=1.5, top_k=1, top_p=None)
+    assert generate(model, PROMPT, cfg) == generate(model, PROMPT, GREEDY)
+
+
+def test_stop_token_stops_generation(model: Llama) -> None:
+    free = generate(model, PROMPT, GREEDY)
+    first = next(i for i, t in enumerate(free) if i >= 2 and free.index(t) == i)
+    assert generate(model, PROMPT, GREEDY, stop_ids={free[first]}) == free[: first + 1]
+
+
+def test_same_seed_same_sample_different_seed_different(model: Llama) -> None:
+    cfg = GenerateConfig(max_new_tokens=24, temperature=1.0, top_k=None, top_p=None, seed=1)
+    a, b = generate(model, PROMPT, cfg), generate(model, PROMPT, cfg)
+    c = generate(model, PROMPT, GenerateConfig(**{**cfg.__dict__, "seed": 2}))
+    assert a == b
+    assert a != c
+
+
+def test_top_p_keeps_at_least_the_most_likely_token() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0], [0.0, 0.0, 9.0, 0.0]])
+    cfg = GenerateConfig(temperature=1.0, top_k=None, top_p=1e-6)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert sample_next(logits, cfg, g).tolist() == [0, 2]
+
+
+def test_top_p_samples_only_inside_the_nucleus() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    cfg = GenerateConfig(temperature=1.0, top_k=None, top_p=0.7)
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, cfg, g)) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_generate_restores_training_mode(model: Llama) -> None:
+    model.train()
+    try:
+        generate(model, PROMPT, GenerateConfig(max_new_tokens=2))
+        assert model.training
+    finally:
+        model.eval()
+
+
+@dataclass
+class ToyTokenizer:
+    """One token per character: id = ord(c) - 60; bos 0, eos 1."""
+
+    bos_id: int = 0
+    eos_id: int = 1
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 60 for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i + 60) for i in ids)
+
+
+def test_generate_text_stops_on_eos_and_drops_it(model: Llama) -> None:
+    tok = ToyTokenizer()
+    prompt_ids = [tok.bos_id, *tok.encode("ABC")]
+    free = generate(model, prompt_ids, GREEDY)
+    tok.eos_id = free[2]
+    expected = tok.decode(free[: free.index(tok.eos_id)])
+    assert generate_text(model, tok, "ABC", GREEDY) == expected
+
+
+def test_empty_prompt_is_an_error(model: Llama) -> None:
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        generate(model, [], GREEDY)
