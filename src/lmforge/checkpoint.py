@@ -61,8 +61,13 @@ def save_checkpoint(
     save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
-    trainer = {"format": FORMAT, "step": state.step, "tokens": state.tokens,
-               "loader": state.loader, "recipe": state.recipe}
+    trainer = {
+        "format": FORMAT,
+        "step": state.step,
+        "tokens": state.tokens,
+        "loader": state.loader,
+        "recipe": state.recipe,
+    }
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
     _write_manifest(tmp)
     if final.exists():
@@ -85,12 +90,7 @@ def load_checkpoint(
 ) -> TrainerState:
     """Verify, then restore the model, optimizer and RNG states; return the trainer state."""
     verify_checkpoint(path)
-    state = load_file(str(path / "model.safetensors"), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: model.safetensors does not fit the model: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _restore_model(path, model)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
@@ -101,14 +101,27 @@ def load_checkpoint(
 def load_model_weights(path: Path, model: nn.Module) -> dict[str, Any]:
     """Only the weights (for eval/generate/export); returns the recipe saved with them."""
     verify_checkpoint(path)
-    state = load_file(str(path / "model.safetensors"), device="cpu")
-    model.load_state_dict(state, strict=False)
+    _restore_model(path, model)
     return json.loads((path / "trainer.json").read_text())["recipe"]
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
     verify_checkpoint(path)
     return json.loads((path / "trainer.json").read_text())["recipe"]
+
+
+def _restore_model(path: Path, model: nn.Module) -> None:
+    state = load_file(str(path / "model.safetensors"), device="cpu")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise CheckpointError(f"{path}: model.safetensors does not fit the model: {e}") from None
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: model.safetensors does not fit the model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -147,8 +160,11 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -46,7 +46,9 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
 
 def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:
     prompts = args.prompt or list(recipe.demo.prompts)
-    for prompt, text in zip(prompts, pipeline.generate_stage(recipe, prompts, args.checkpoint)):
+    for prompt, text in zip(
+        prompts, pipeline.generate_stage(recipe, prompts, args.checkpoint), strict=True
+    ):
         print(f"### {prompt}\n{prompt}{text}\n")
 
 
@@ -80,10 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        p.add_argument("args", nargs="*", metavar="[RECIPE.yaml] [key=value ...]",
-                       help="a recipe file (default: the embedded demo) and dotted overrides")
-        p.add_argument("--corpus", action="append", metavar="PATH",
-                       help="replace the recipe's sources: a file, dir, glob or hf:NAME[:split]")
+        p.add_argument(
+            "args",
+            nargs="*",
+            metavar="[RECIPE.yaml] [key=value ...]",
+            help="a recipe file (default: the embedded demo) and dotted overrides",
+        )
+        p.add_argument(
+            "--corpus",
+            action="append",
+            metavar="PATH",
+            help="replace the recipe's sources: a file, dir, glob or hf:NAME[:split]",
+        )
         p.add_argument("--text-field", default="text", help="JSON field holding the text")
         if verb == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
@@ -102,8 +112,10 @@ def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
     if len(files) > 1 or (files and verb == "demo"):
         raise RecipeError(f"expected at most one recipe file, got {files}")
     if args.corpus:
-        sources = [{"name": f"corpus{i}", "path": p, "text_field": args.text_field}
-                   for i, p in enumerate(args.corpus)]
+        sources = [
+            {"name": f"corpus{i}", "path": p, "text_field": args.text_field}
+            for i, p in enumerate(args.corpus)
+        ]
         overrides.append("data.sources=" + json.dumps(sources))
     return load_recipe(Path(files[0]) if files else None, overrides)
 

@@ -12,10 +12,22 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is now (it may be swapped, e.g. by test capture)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One stderr handler; ranks other than 0 only report warnings and errors."""
     rank = int(os.environ.get("RANK", "0"))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("lmforge")
     root.handlers[:] = [handler]

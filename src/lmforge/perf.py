@@ -8,7 +8,9 @@ import torch
 
 
 def measure_matmul_peak(
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 1024,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    n: int = 1024,
     repeats: int = 8,
 ) -> float:
     """Best observed FLOP/s of an n×n @ n×n matmul (best of `repeats`, after a warm-up)."""

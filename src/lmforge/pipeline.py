@@ -62,28 +62,51 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     paths = RunPaths(recipe.run_dir)
     tokenizer = TextTokenizer.load(paths.tokenizer)
     if recipe.model.vocab_size < tokenizer.vocab_size:
-        raise RecipeError(f"model.vocab_size {recipe.model.vocab_size} < the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens ({paths.tokenizer})")
+        raise RecipeError(
+            f"model.vocab_size {recipe.model.vocab_size} < the tokenizer's "
+            f"{tokenizer.vocab_size} tokens ({paths.tokenizer})"
+        )
     save_recipe(recipe, paths.root / "recipe.yaml")
     torch.manual_seed(recipe.seed)
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     docs = DocumentSet(list_shards(paths.shards, "train"))
-    loader = PackedLoader(docs, recipe.packing, recipe.train.micro_batch_size, special,
-                          seed=recipe.seed, rank=rank(), world_size=world_size())
+    loader = PackedLoader(
+        docs,
+        recipe.packing,
+        recipe.train.micro_batch_size,
+        special,
+        seed=recipe.seed,
+        rank=rank(),
+        world_size=world_size(),
+    )
     val = DocumentSet(list_shards(paths.shards, "val"))
 
     def evaluate(m: Llama) -> dict[str, float]:
         return perplexity(m, val, recipe, special, resolve_device(recipe.train.device))
 
-    return train(model, loader, recipe.train, recipe.optim, recipe.schedule, paths.root,
-                 recipe_to_dict(recipe), evaluate, recipe.eval.every_steps, resume)
+    return train(
+        model,
+        loader,
+        recipe.train,
+        recipe.optim,
+        recipe.schedule,
+        paths.root,
+        recipe_to_dict(recipe),
+        evaluate,
+        recipe.eval.every_steps,
+        resume,
+    )
 
 
 def perplexity(
-    model: Llama, val: DocumentSet, recipe: Recipe, special: tuple[int, int, int],
-    device: torch.device, max_batches: int | None = -1,
+    model: Llama,
+    val: DocumentSet,
+    recipe: Recipe,
+    special: tuple[int, int, int],
+    device: torch.device,
+    max_batches: int | None = -1,
 ) -> dict[str, float]:
     """Held-out metrics on the val split, with the recipe's packing (masking on or off)."""
     loader = PackedLoader(val, recipe.packing, recipe.eval.batch_size, special, shuffle=False)
@@ -106,12 +129,14 @@ def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:
         return Path(checkpoint)
     found = latest_checkpoint(RunPaths(recipe.run_dir).checkpoints)
     if found is None:
-        raise FileNotFoundError(f"{RunPaths(recipe.run_dir).checkpoints}: no checkpoint; "
-                                "run 'lmforge pretrain' first or pass --checkpoint")
+        raise FileNotFoundError(
+            f"{RunPaths(recipe.run_dir).checkpoints}: no checkpoint; "
+            "run 'lmforge pretrain' first or pass --checkpoint"
+        )
     return found
 
 
-def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, float]:
+def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Perplexity and bits per byte on the whole val split of the recipe's shards."""
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
@@ -120,21 +145,27 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     val = DocumentSet(list_shards(paths.shards, "val"))
     device = resolve_device(recipe.train.device)
-    result = {"checkpoint": str(path),
-              **perplexity(model.to(device), val, trained, special, device, max_batches=None)}
+    result = {
+        "checkpoint": str(path),
+        **perplexity(model.to(device), val, trained, special, device, max_batches=None),
+    }
     paths.eval.write_text(json.dumps(result, indent=2))
     return result
 
 
 def generate_stage(
-    recipe: Recipe, prompts: list[str], checkpoint: str | Path | None = None,
+    recipe: Recipe,
+    prompts: list[str],
+    checkpoint: str | Path | None = None,
     cfg: GenerateConfig | None = None,
 ) -> list[str]:
     model, _ = load_trained(find_checkpoint(recipe, checkpoint))
     tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
     cfg = cfg or recipe.generate
-    return [generate_text(model, tokenizer, p, replace(cfg, seed=cfg.seed + i))
-            for i, p in enumerate(prompts)]
+    return [
+        generate_text(model, tokenizer, p, replace(cfg, seed=cfg.seed + i))
+        for i, p in enumerate(prompts)
+    ]
 
 
 def export_stage(
@@ -144,8 +175,13 @@ def export_stage(
     paths = RunPaths(recipe.run_dir)
     special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
     target = Path(out) if out is not None else paths.export
-    return export_hf(model, target, tokenizer_file=paths.tokenizer, special_tokens=special,
-                     max_position_embeddings=trained.packing.seq_len)
+    return export_hf(
+        model,
+        target,
+        tokenizer_file=paths.tokenizer,
+        special_tokens=special,
+        max_position_embeddings=trained.packing.seq_len,
+    )
 
 
 def run_all(recipe: Recipe) -> dict[str, Any]:
@@ -154,19 +190,26 @@ def run_all(recipe: Recipe) -> dict[str, Any]:
     manifest = tokenize_stage(recipe)
     records = pretrain_stage(recipe)
     metrics = eval_stage(recipe)
-    samples = dict(zip(recipe.demo.prompts, generate_stage(recipe, list(recipe.demo.prompts))))
+    samples = dict(
+        zip(recipe.demo.prompts, generate_stage(recipe, list(recipe.demo.prompts)), strict=True)
+    )
     export = export_stage(recipe)
-    summary = {"run_dir": recipe.run_dir, "train_tokens": manifest["splits"]["train"]["tokens"],
-               "steps": records[-1]["step"] if records else 0,
-               "final_train_loss": records[-1]["loss"] if records else None,
-               "tok_per_s": _median([r["tok_per_s"] for r in records[1:]] or [0.0]),
-               **metrics, "samples": samples, "export": str(export)}
+    summary = {
+        "run_dir": recipe.run_dir,
+        "train_tokens": manifest["splits"]["train"]["tokens"],
+        "steps": records[-1]["step"] if records else 0,
+        "final_train_loss": records[-1]["loss"] if records else None,
+        "tok_per_s": _median([r["tok_per_s"] for r in records[1:]] or [0.0]),
+        **metrics,
+        "samples": samples,
+        "export": str(export),
+    }
     (RunPaths(recipe.run_dir).root / "summary.json").write_text(
-        json.dumps(summary, indent=2, ensure_ascii=False))
+        json.dumps(summary, indent=2, ensure_ascii=False)
+    )
     return summary
 
 
 def _median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2]
-

@@ -67,7 +67,9 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         except yaml.YAMLError as e:
             raise RecipeError(f"{where}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
-            raise RecipeError(f"{where}: a recipe is a mapping of sections, got {type(raw).__name__}")
+            raise RecipeError(
+                f"{where}: a recipe is a mapping of sections, got {type(raw).__name__}"
+            )
     for item in overrides:
         _apply_override(raw, item)
     return build(Recipe, raw, where, "")
@@ -110,7 +112,9 @@ def build(cls: type, raw: Any, where: str, path: str) -> Any:
 def _with_preset(raw: dict[str, Any], where: str, path: str) -> dict[str, Any]:
     name = raw.pop("preset")
     if name not in PRESETS:
-        raise RecipeError(f"{where}: {path}.preset: unknown preset {name!r}; one of {sorted(PRESETS)}")
+        raise RecipeError(
+            f"{where}: {path}.preset: unknown preset {name!r}; one of {sorted(PRESETS)}"
+        )
     return {**dataclasses.asdict(PRESETS[name]), **raw}
 
 
@@ -135,6 +139,8 @@ def _convert(hint: Any, value: Any, where: str, path: str) -> Any:
 
 
 def _scalar(hint: Any, value: Any, where: str, path: str) -> Any:
+    if hint is float and isinstance(value, str):
+        value = _yaml11_float(value)  # PyYAML reads `3e-4` (no dot) as a string
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -146,6 +152,13 @@ def _scalar(hint: Any, value: Any, where: str, path: str) -> Any:
     if not ok[hint]:
         raise RecipeError(f"{where}: {path}: expected {hint.__name__}, got {value!r}")
     return float(value) if hint is float else value
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

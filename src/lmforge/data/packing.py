@@ -70,9 +70,9 @@ def pack_row(
         raise ValueError(f"pieces hold {len(tokens)} tokens, more than seq_len + 1 = {seq_len + 1}")
     positions = np.concatenate([np.arange(len(p)) for p in pieces]) if pieces else tokens
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
-    labels[: len(tokens) - 1] = tokens[1:]
+    labels[: max(len(tokens) - 1, 0)] = tokens[1:]
     end = 0
-    for piece, ends in zip(pieces, ends_document):
+    for piece, ends in zip(pieces, ends_document, strict=True):
         end += len(piece)
         if ends and end - 1 < seq_len:
             labels[end - 1] = IGNORE_INDEX  # EOS → next document's BOS is not a prediction
@@ -90,5 +90,5 @@ def collate(
     rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], document_masking: bool
 ) -> PackedBatch:
     """Stack rows into a PackedBatch; without masking the positions are dropped (plain causal)."""
-    ids, labels, pos = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
+    ids, labels, pos = (torch.from_numpy(np.stack(col)) for col in zip(*rows, strict=True))
     return PackedBatch(ids, labels, pos if document_masking else None)

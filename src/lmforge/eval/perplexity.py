@@ -46,11 +46,14 @@ def evaluate_perplexity(
     total, count = 0.0, 0
     for batch in batches:
         batch = batch.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
             logits = model(batch.input_ids, batch.positions)
         loss = F.cross_entropy(
-            logits.float().flatten(0, 1), batch.labels.flatten(), reduction="sum",
+            logits.float().flatten(0, 1),
+            batch.labels.flatten(),
+            reduction="sum",
             ignore_index=IGNORE_INDEX,
         )
         total += loss.item()
@@ -58,10 +61,10 @@ def evaluate_perplexity(
     model.train(was_training)
     if count == 0:
         raise ValueError("held-out evaluation saw no targets")
-    loss = total / count
+    mean = total / count
     return {
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
-        "val_bpb": loss / math.log(2) / bytes_per_target,
+        "val_loss": mean,
+        "val_ppl": math.exp(min(mean, 50.0)),
+        "val_bpb": mean / math.log(2) / bytes_per_target,
         "val_tokens": float(count),
     }

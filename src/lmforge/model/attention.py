@@ -27,7 +27,11 @@ class KVCache:
     """Preallocated keys/values for incremental decoding: (layers, B, KV heads, max_len, D)."""
 
     def __init__(
-        self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -64,7 +68,7 @@ def document_lengths(positions: torch.Tensor) -> list[int]:
     starts[:, 0] = True  # a row always starts a segment, even mid-document
     idx = starts.flatten().nonzero().flatten().tolist()
     idx.append(positions.numel())
-    return [b - a for a, b in zip(idx[:-1], idx[1:])]
+    return [b - a for a, b in zip(idx[:-1], idx[1:], strict=True)]
 
 
 def split_attention(
@@ -86,12 +90,10 @@ def split_attention(
     qs, ks, vs = flat(q), flat(k), flat(v)
     sizes, counts = _runs([lengths[i] for i in order])
     outs = []
-    chunks = zip(qs.split(sizes), ks.split(sizes), vs.split(sizes))
-    for (qc, kc, vc), (n, L) in zip(chunks, counts):
-        view = lambda x: x.view(n, L, x.shape[1], D).transpose(1, 2)  # noqa: E731  (n, h, L, D)
-        o = F.scaled_dot_product_attention(
-            view(qc), view(kc), view(vc), is_causal=True, enable_gqa=True
-        )
+    chunks = zip(qs.split(sizes), ks.split(sizes), vs.split(sizes), strict=True)
+    for (qc, kc, vc), (n, L) in zip(chunks, counts, strict=True):
+        qc, kc, vc = (x.view(n, L, x.shape[1], D).transpose(1, 2) for x in (qc, kc, vc))
+        o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
         outs.append(o.transpose(1, 2).reshape(n * L, H, D))
     out = torch.empty_like(qs).index_copy(0, perm, torch.cat(outs))  # undo the sort
     return out.view(B, T, H, D).transpose(1, 2)

@@ -35,7 +35,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
@@ -69,7 +71,7 @@ class ModelConfig:
 
 # Shapes from the reports (see DESIGN.md §1). Vocab sizes are the reports' tokenizers.
 PRESETS: dict[str, ModelConfig] = {
-    # ChuXin-1.6B (arXiv 2405.04828): LLaMA2 shape, 24 x 2048, d_ff 5632, 32 heads MHA, vocab 102,400.
+    # ChuXin-1.6B (arXiv 2405.04828): LLaMA2 shape, 24 x 2048, d_ff 5632, 32 heads, vocab 102,400.
     "chuxin-1.6b": ModelConfig(
         vocab_size=102_400, num_layers=24, d_model=2048, num_heads=32, num_kv_heads=32, d_ff=5632
     ),

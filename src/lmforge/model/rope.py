@@ -17,7 +17,8 @@ def rope_cos_sin(
     Always fp32: in bf16 the angles of positions past 256 would already be rounded.
     """
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
     angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
     angles = torch.cat((angles, angles), dim=-1)  # (B, T, D)

@@ -58,6 +58,9 @@ class TrainConfig:
     """Completed checkpoints to keep."""
     log_every_steps: int = 10
     """Log a line every this many steps (every step goes to metrics.jsonl)."""
+    stop_at_step: int | None = None
+    """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
+    `--resume` continues with the same schedule."""
 
 
 def grad_accum_steps(cfg: TrainConfig, seq_len: int, world: int) -> int:
@@ -104,8 +107,9 @@ def train(
     batches: Iterator[PackedBatch] = iter(loader)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     records: list[dict[str, Any]] = []
+    last_step = min(total_steps, cfg.stop_at_step or total_steps)
     bar = progress(total_steps, "pretrain", initial=step, unit="step")
-    while step < total_steps:
+    while step < last_step:
         t0 = time.perf_counter()
         lr = lr_at(tokens, cfg.max_tokens, optim_cfg.lr, schedule)
         for group in optimizer.param_groups:
@@ -115,12 +119,15 @@ def train(
         loss_sum = 0.0
         for batch in micro:
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
                 logits = forward(batch.input_ids, batch.positions)
             loss = F.cross_entropy(  # fp32 reduction over the whole step's targets
-                logits.float().flatten(0, 1), batch.labels.flatten(),
-                ignore_index=IGNORE_INDEX, reduction="sum",
+                logits.float().flatten(0, 1),
+                batch.labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             ) / max(targets, 1)
             loss.backward()
             loss_sum += loss.item()
@@ -132,11 +139,19 @@ def train(
         step_tokens = accum * loader.batch_size * seq_len * world_size()
         tokens += step_tokens
         dt = time.perf_counter() - t0
-        record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
-                  "grad_norm": grad_norm, "tok_per_s": step_tokens / dt,
-                  "mfu": flops_per_token * step_tokens / dt / peak, "seq_len": seq_len}
-        if evaluate is not None and (step == total_steps or
-                                     (eval_every_steps and step % eval_every_steps == 0)):
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tok_per_s": step_tokens / dt,
+            "mfu": flops_per_token * step_tokens / dt / peak,
+            "seq_len": seq_len,
+        }
+        if evaluate is not None and (
+            step == total_steps or (eval_every_steps and step % eval_every_steps == 0)
+        ):
             record.update(evaluate(model))
         metrics.write(record)
         records.append(record)
@@ -144,7 +159,7 @@ def train(
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
         if step % cfg.log_every_steps == 0 or step == total_steps or "val_loss" in record:
             log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-        if step % cfg.save_every_steps == 0 or step == total_steps:
+        if step % cfg.save_every_steps == 0 or step == last_step:
             state = TrainerState(step, tokens, loader.state_dict(), recipe)
             save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
     bar.close()

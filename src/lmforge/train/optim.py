@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only (norm gains and embeddings are not decayed)."""
+"""AdamW with decoupled weight decay on projection matrices (not on norms or embeddings)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class OptimConfig:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay projection matrices; leave norms and the input embedding undecayed."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue

@@ -1,0 +1,104 @@
+"""Checkpoints: verified on load, atomic under a kill mid-save, pruned to the newest k."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lmforge.model.config import ModelConfig
+from lmforge.model.llama import Llama
+from lmforge.train.optim import OptimConfig, build_optimizer
+
+
+def _trained(cfg: ModelConfig) -> tuple[Llama, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    opt = build_optimizer(model, OptimConfig())
+    model(torch.randint(0, cfg.vocab_size, (2, 8))).mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _save(directory: Path, model: Llama, opt: torch.optim.Optimizer, step: int) -> Path:
+    state = TrainerState(step, step * 100, {"epoch": 0, "doc": step}, {"seed": 1})
+    return save_checkpoint(directory, model, opt, state, keep_last=2)
+
+
+def test_round_trip_restores_model_optimizer_and_state(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    model, opt = _trained(tiny_cfg)
+    path = _save(tmp_path, model, opt, 3)
+    fresh = Llama(tiny_cfg)
+    fresh_opt = build_optimizer(fresh, OptimConfig())
+    state = load_checkpoint(path, fresh, fresh_opt)
+    assert (state.step, state.tokens, state.loader) == (3, 300, {"epoch": 0, "doc": 3})
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(
+        opt.state_dict()["state"][0]["exp_avg"]
+    )
+
+
+def test_tied_embeddings_survive_a_round_trip(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": True})
+    model, opt = _trained(cfg)
+    fresh = Llama(cfg)
+    load_checkpoint(_save(tmp_path, model, opt, 1), fresh)
+    assert fresh.lm_head.weight is fresh.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_truncated_checkpoint_is_detected_by_name(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
+    model, opt = _trained(tiny_cfg)
+    path = _save(tmp_path, model, opt, 1)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
+        load_checkpoint(path, Llama(tiny_cfg))
+    raw = bytearray((path / "optimizer.pt").read_bytes())
+    raw[-10] ^= 0xFF
+    (path / "optimizer.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: checksum mismatch|truncated"):
+        load_checkpoint(path, Llama(tiny_cfg))
+
+
+def test_kill_mid_save_leaves_the_previous_checkpoint_latest(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    model, opt = _trained(tiny_cfg)
+    good = _save(tmp_path, model, opt, 1)
+    # what a kill during the next save leaves behind: a temp dir with partial files
+    partial = tmp_path / ".tmp-step_00000002-999"
+    shutil.copytree(good, partial)
+    (partial / "MANIFEST.json").unlink()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    assert latest_checkpoint(tmp_path) == good
+    load_checkpoint(good, Llama(tiny_cfg))  # still verifies and loads
+    with pytest.raises(CheckpointError, match="MANIFEST.json: missing"):
+        load_checkpoint(partial, Llama(tiny_cfg))
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
+    model, opt = _trained(tiny_cfg)
+    for step in (1, 2, 3):
+        _save(tmp_path, model, opt, step)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_checkpoint_of_another_shape_is_refused(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
+    model, opt = _trained(tiny_cfg)
+    path = _save(tmp_path, model, opt, 1)
+    other = Llama(ModelConfig(**{**tiny_cfg.__dict__, "num_layers": 3}))
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_checkpoint(path, other)

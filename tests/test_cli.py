@@ -1,0 +1,102 @@
+"""The `lmforge` command end to end: the demo at a tiny size, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.export import import_hf
+from lmforge.logs import read_metrics
+from tests.conftest import TINY_OVERRIDES
+
+
+def test_demo_runs_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "demo"
+    assert main(["demo", *TINY_OVERRIDES, f"run_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "### sample: '中国人民'" in out and "### sample: 'def main('" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["val_bpb"] > 0 and len(summary["samples"]) == 3
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "mfu"} <= set(metrics[-1])
+    assert "val_loss" in metrics[-1]
+    for name in (
+        "tokenizer.json",
+        "recipe.yaml",
+        "eval.json",
+        "shards/manifest.json",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+    ):
+        assert (run_dir / name).exists(), name
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").eval()
+    ours = import_hf(run_dir / "hf")
+    ids = torch.randint(0, 512, (1, 24))
+    torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_verbs_run_one_stage_each(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+    assert main(["eval", *args]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_tokens"] > 0
+    assert main(["generate", *args, "--prompt", "def f("]) == 0
+    assert "### def f(" in capsys.readouterr().out
+    assert main(["export", *args, "--out", str(tiny_run / "exported")]) == 0
+    assert (tiny_run / "exported" / "config.json").exists()
+
+
+def test_unknown_recipe_key_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  num_layer: 2\n")
+    assert main(["pretrain", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "r.yaml: model.num_layer: unknown key" in err
+
+
+def test_malformed_corpus_names_the_line_and_leaves_no_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n')
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "tokenizer.vocab_size=300", "--corpus", str(corpus)]
+    assert main(["train-tokenizer", *args]) == 2
+    assert f"{corpus}:3" in capsys.readouterr().err
+    assert not (run / "tokenizer.json").exists() and not (run / "shards").exists()
+
+
+def test_invalid_utf8_corpus_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(b"caf\xc3 ok\n")
+    assert main(["train-tokenizer", f"run_dir={tmp_path}", "--corpus", str(corpus)]) == 2
+    assert "bad.txt" in capsys.readouterr().err
+
+
+def test_truncated_shard_and_checkpoint_are_named(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["pretrain", *args, "train.max_tokens=512"]) == 0
+    weights = next((tiny_run / "checkpoints").glob("step_*")) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", *args]) == 2
+    assert "model.safetensors: truncated" in capsys.readouterr().err
+    shard = tiny_run / "shards" / "train_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert "train_00000.bin" in err and "truncated" in err

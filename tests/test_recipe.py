@@ -1,0 +1,66 @@
+"""Recipes: YAML and overrides become typed configs; every mistake names the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.model.config import PRESETS
+from lmforge.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict, save_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_recipe_file_equals_the_embedded_defaults() -> None:
+    assert load_recipe(ROOT / "recipes" / "demo.yaml") == Recipe()
+
+
+def test_saved_recipe_loads_back_equal(tmp_path: Path) -> None:
+    recipe = load_recipe(None, ["model.num_layers=3", "packing.document_masking=false"])
+    save_recipe(recipe, tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml") == recipe
+    assert recipe_to_dict(recipe)["model"]["num_layers"] == 3
+
+
+def test_dotted_overrides_are_typed() -> None:
+    recipe = load_recipe(None, ["optim.lr=3e-4", "train.max_tokens=1000", "eval.max_batches=null"])
+    assert recipe.optim.lr == 3e-4 and recipe.train.max_tokens == 1000
+    assert recipe.eval.max_batches is None
+    assert isinstance(load_recipe(None, ["optim.lr=1"]).optim.lr, float)
+
+
+def test_model_preset_with_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {preset: xmodel-lm-1.1b, rope_theta: 500000}\n")
+    model = load_recipe(path).model
+    assert model.num_kv_heads == PRESETS["xmodel-lm-1.1b"].num_kv_heads == 4
+    assert model.rope_theta == 500000.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: {num_heads: four}\n", r"p\.yaml: model\.num_heads: expected int, got 'four'"),
+        ("model: {num_hedas: 4}\n", r"p\.yaml: model\.num_hedas: unknown key"),
+        ("trian: {}\n", r"p\.yaml: trian: unknown key"),
+        ("train: {precision: fp8}\n", r"train\.precision: expected one of \['fp32', 'bf16'\]"),
+        ("data: {sources: [{name: a}]}\n", r"data\.sources\[0\]: .*path"),
+        ("model: {num_heads: 3}\n", r"p\.yaml: model: d_model 256 is not divisible"),
+        ("packing: {document_masking: 1}\n", r"packing\.document_masking: expected bool"),
+        ("- a\n- b\n", r"p\.yaml: a recipe is a mapping"),
+        ("model: {preset: gpt9}\n", r"model\.preset: unknown preset 'gpt9'"),
+    ],
+)
+def test_bad_recipe_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_bad_override_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(None, ["model.num_layers"])
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
