@@ -100,3 +100,12 @@ def test_truncated_shard_and_checkpoint_are_named(
     assert main(["pretrain", *args]) == 2
     err = capsys.readouterr().err
     assert "train_00000.bin" in err and "truncated" in err
+
+
+def test_shards_from_another_tokenizer_are_refused(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}", "tokenizer.vocab_size=400"]
+    assert main(["train-tokenizer", *args]) == 0  # a new tokenizer, the old shards
+    assert main(["pretrain", *args]) == 2
+    assert "written with another tokenizer" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    docs = DocumentSet(list_shards(paths.shards, "train"))
+    docs = DocumentSet(list_shards(paths.shards, "train"), tokenizer.sha256)
     loader = PackedLoader(
         docs,
         recipe.packing,
@@ -81,10 +81,11 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         rank=rank(),
         world_size=world_size(),
     )
-    val = DocumentSet(list_shards(paths.shards, "val"))
+    val = DocumentSet(list_shards(paths.shards, "val"), tokenizer.sha256)
 
     def evaluate(m: Llama) -> dict[str, float]:
-        return perplexity(m, val, recipe, special, resolve_device(recipe.train.device))
+        device = resolve_device(recipe.train.device)
+        return perplexity(m, val, recipe, special, device, recipe.eval.max_batches)
 
     return train(
         model,
@@ -106,14 +107,16 @@ def perplexity(
     recipe: Recipe,
     special: tuple[int, int, int],
     device: torch.device,
-    max_batches: int | None = -1,
+    max_batches: int | None,
 ) -> dict[str, float]:
-    """Held-out metrics on the val split, with the recipe's packing (masking on or off)."""
+    """Held-out metrics on the first max_batches (None: all) of the val split, packed as in
+    training (masking on or off)."""
     loader = PackedLoader(val, recipe.packing, recipe.eval.batch_size, special, shuffle=False)
-    cap = recipe.eval.max_batches if max_batches == -1 else max_batches
     bytes_per_target = val.num_bytes / (val.num_tokens + val.num_docs)
     amp = torch.bfloat16 if recipe.train.precision == "bf16" else None
-    return evaluate_perplexity(model, itertools.islice(loader, cap), device, bytes_per_target, amp)
+    return evaluate_perplexity(
+        model, itertools.islice(loader, max_batches), device, bytes_per_target, amp
+    )
 
 
 def load_trained(checkpoint: Path) -> tuple[Llama, Recipe]:
@@ -143,7 +146,7 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     paths = RunPaths(recipe.run_dir)
     tokenizer = TextTokenizer.load(paths.tokenizer)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    val = DocumentSet(list_shards(paths.shards, "val"))
+    val = DocumentSet(list_shards(paths.shards, "val"), tokenizer.sha256)
     device = resolve_device(recipe.train.device)
     result = {
         "checkpoint": str(path),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 TARGET_DOC_BYTES = 2048
 """Chinese lines are grouped into documents of about this many UTF-8 bytes (1-3 KB)."""
-MAX_CODE_FILE_BYTES = 200_000
+MAX_CODE_FILE_BYTES = 64_000
 _SKIP_CODE_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _SENTENCE_END = tuple("。！？”」』）…")
 _ASCII_WORD = re.compile(r"[A-Za-z0-9]")
@@ -36,16 +37,24 @@ def iter_english() -> Iterator[str]:
 
 
 def iter_code() -> Iterator[str]:
-    """One document per stdlib .py file (sorted; no tests, no site-packages, none > 200 KB)."""
+    """One document per stdlib .py file (no tests, no site-packages, none > 64 KB).
+
+    Files come in the order of a hash of their relative path, so a small max_bytes still samples
+    the whole library (alphabetical order would give a handful of large `_*.py` modules).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_CODE_DIRS)
-        for filename in sorted(filenames):
+        for filename in filenames:
             path = Path(dirpath) / filename
             if filename.endswith(".py") and path.stat().st_size <= MAX_CODE_FILE_BYTES:
-                text = _read_utf8(path)
-                if text:
-                    yield text
+                files.append(path)
+    files.sort(key=lambda p: hashlib.blake2b(str(p.relative_to(root)).encode()).digest())
+    for path in files:
+        text = _read_utf8(path)
+        if text:
+            yield text
 
 
 def _read_utf8(path: Path) -> str | None:

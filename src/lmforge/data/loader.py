@@ -15,14 +15,21 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.packing import PackedBatch, PackingConfig, collate, pack_row, wrap_document
-from lmforge.data.shards import Shard, open_shard
+from lmforge.data.shards import Shard, ShardError, open_shard
 
 
 class DocumentSet:
     """The documents of several shards behind one global index."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], tokenizer_sha256: str | None = None) -> None:
         self.shards: list[Shard] = [open_shard(p) for p in paths]
+        for shard in self.shards:
+            if tokenizer_sha256 is not None and shard.tokenizer_sha256 != tokenizer_sha256:
+                raise ShardError(
+                    f"{shard.path}: written with another tokenizer (sha256 "
+                    f"{shard.tokenizer_sha256[:12]}…, this run's is {tokenizer_sha256[:12]}…); "
+                    "re-run 'lmforge tokenize'"
+                )
         counts = [s.num_docs for s in self.shards]
         self.starts = np.cumsum([0, *counts])
         self.num_docs = int(self.starts[-1])

@@ -94,7 +94,10 @@ def train(
     total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
     ckpt_dir = checkpoint_dir(run_dir)
     step, tokens = 0, 0
-    if resume and (last := latest_checkpoint(ckpt_dir)) is not None:
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and last is None:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
+    if last is not None:
         state = load_checkpoint(last, model, optimizer)
         step, tokens = state.step, state.tokens
         loader.load_state_dict(state.loader)
