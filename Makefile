@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed  # recreates runs/demo
+	rm -rf runs/demo
 	$(BIN)/lmforge demo
 
 lint: $(VENV)/.installed

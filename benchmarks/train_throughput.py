@@ -37,8 +37,16 @@ import torch
 import torch.nn.functional as F
 
 THREADS = 2
-REF = dict(vocab_size=32_000, num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, d_ff=1408,
-           rope_theta=10_000.0, tie_embeddings=False)
+REF = dict(
+    vocab_size=32_000,
+    num_layers=6,
+    d_model=512,
+    num_heads=8,
+    num_kv_heads=4,
+    d_ff=1408,
+    rope_theta=10_000.0,
+    tie_embeddings=False,
+)
 BATCH, SEQ_LEN = 4, 512
 TAG = "@@"  # prefix of protocol lines on a child's stdout; anything else is passed through
 
@@ -202,10 +210,19 @@ def child_main(spec: str, warmup: int, doc_len: float) -> None:
 class Child:
     def __init__(self, v: Variant, args: argparse.Namespace) -> None:
         self.v = v
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(v)),
-               "--warmup", str(args.warmup), "--doc-len", str(args.doc_len)]
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  bufsize=1)
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            json.dumps(asdict(v)),
+            "--warmup",
+            str(args.warmup),
+            "--doc-len",
+            str(args.doc_len),
+        ]
+        self.p = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
         self.times: list[float] = []
         self.foreign: list[float] = []  # other processes' CPU share during each round
         self.info: dict = {}
@@ -214,7 +231,7 @@ class Child:
         assert self.p.stdout is not None
         for line in self.p.stdout:
             if line.startswith(TAG):
-                return json.loads(line[len(TAG):])
+                return json.loads(line[len(TAG) :])
             sys.stderr.write(f"[{self.v.name}] {line}")
         raise RuntimeError(f"{self.v.name}: child exited with {self.p.wait()}")
 
@@ -232,8 +249,9 @@ def measure_peaks(dtypes: list[str], n: int) -> dict[str, float]:
     for d in dtypes:
         dt = torch.bfloat16 if d == "bf16" else torch.float32
         out[d] = max(measure_matmul_peak(dt, "cpu", n=n, repeats=8) for _ in range(2))
-        print(f"matmul peak {d}: {out[d] / 1e9:.0f} GFLOP/s (best of 2x8 {n}^3 torch.mm)",
-              flush=True)
+        print(
+            f"matmul peak {d}: {out[d] / 1e9:.0f} GFLOP/s (best of 2x8 {n}^3 torch.mm)", flush=True
+        )
     return out
 
 
@@ -281,22 +299,30 @@ def wait_quiet(args: argparse.Namespace, budget: list[float]) -> None:
         budget[0] -= 1.0
         if load < 15:
             return
-        print(f"  (other processes use {load:.0f}% CPU; waiting, {budget[0]:.0f} s of "
-              "--quiet-wait left)", flush=True)
+        print(
+            f"  (other processes use {load:.0f}% CPU; waiting, {budget[0]:.0f} s of "
+            "--quiet-wait left)",
+            flush=True,
+        )
         time.sleep(min(4.0, max(budget[0], 0)))
         budget[0] -= 4.0
 
 
-def run_group(variants: list[Variant], args: argparse.Namespace, budget: list[float],
-              meter: CpuMeter) -> list[Child]:
+def run_group(
+    variants: list[Variant], args: argparse.Namespace, budget: list[float], meter: CpuMeter
+) -> list[Child]:
     """Start the variants one at a time (each builds and warms up alone), then alternate steps."""
     children = []
     for v in variants:
         t0 = time.perf_counter()
         c = Child(v, args)
         c.info = c.recv()
-        print(f"  ready {v.name:32s} in {time.perf_counter() - t0:5.1f} s (warm-up steps "
-              + ", ".join(f"{t:.2f}" for t in c.info["warmup_s"]) + " s)", flush=True)
+        print(
+            f"  ready {v.name:32s} in {time.perf_counter() - t0:5.1f} s (warm-up steps "
+            + ", ".join(f"{t:.2f}" for t in c.info["warmup_s"])
+            + " s)",
+            flush=True,
+        )
         children.append(c)
     for r in range(args.steps):
         wait_quiet(args, budget)
@@ -308,9 +334,12 @@ def run_group(variants: list[Variant], args: argparse.Namespace, budget: list[fl
         other, steal = meter.foreign()
         for c in children:
             c.foreign.append(other)
-        print(f"  round {r + 1}/{args.steps}: "
-              + "  ".join(f"{c.v.name}={c.times[-1]:.2f}s" for c in children)
-              + f"  | other procs {100 * other:.0f}% CPU, steal {100 * steal:.0f}%", flush=True)
+        print(
+            f"  round {r + 1}/{args.steps}: "
+            + "  ".join(f"{c.v.name}={c.times[-1]:.2f}s" for c in children)
+            + f"  | other procs {100 * other:.0f}% CPU, steal {100 * steal:.0f}%",
+            flush=True,
+        )
     for c in children:
         c.send("stop")
         c.info.update(c.recv())
@@ -319,24 +348,40 @@ def run_group(variants: list[Variant], args: argparse.Namespace, budget: list[fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--impl", choices=["lmforge", "hf", "all"], default="all")
     ap.add_argument("--compile", action="store_true", help="also run torch.compile'd variants")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager variants")
-    ap.add_argument("--masking", default="doc,causal",
-                    help="lmforge masking variants, comma-separated: doc, causal")
-    ap.add_argument("--attention", choices=["auto", "dense", "split"], default="auto",
-                    help="lmforge ModelConfig.attention for the doc-masked variant")
+    ap.add_argument(
+        "--masking",
+        default="doc,causal",
+        help="lmforge masking variants, comma-separated: doc, causal",
+    )
+    ap.add_argument(
+        "--attention",
+        choices=["auto", "dense", "split"],
+        default="auto",
+        help="lmforge ModelConfig.attention for the doc-masked variant",
+    )
     ap.add_argument("--doc-len", type=float, default=128.0, help="mean packed document length")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the MFU peak")
-    ap.add_argument("--quiet-wait", type=float, default=0.0,
-                    help="seconds in all to wait, before rounds, for other processes to go idle")
-    ap.add_argument("--profile", metavar="VARIANT", default=None,
-                    help="profile one step in-process, e.g. lmforge/doc/bf16 or hf/causal/fp32")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="seconds in all to wait, before rounds, for other processes to go idle",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="VARIANT",
+        default=None,
+        help="profile one step in-process, e.g. lmforge/doc/bf16 or hf/causal/fp32",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -355,12 +400,18 @@ def main() -> None:
     cfg = model_config(args.attention)
     fpt = cfg.flops_per_token(SEQ_LEN)
     _, lengths = packed_positions(args.doc_len)
-    print(f"torch {torch.__version__}, threads {THREADS}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical CPUs")
-    print(f"config {REF}, B={BATCH} T={SEQ_LEN}; params {cfg.num_params() / 1e6:.2f}M, "
-          f"FLOPs/token (6N+12LdT) {fpt / 1e6:.1f}M")
-    print(f"doc masking: {len(lengths)} documents in {BATCH} rows, mean length "
-          f"{statistics.mean(lengths):.0f}, max {max(lengths)} (seeded, mean param {args.doc_len})")
+    print(
+        f"torch {torch.__version__}, threads {THREADS}, cpu capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical CPUs"
+    )
+    print(
+        f"config {REF}, B={BATCH} T={SEQ_LEN}; params {cfg.num_params() / 1e6:.2f}M, "
+        f"FLOPs/token (6N+12LdT) {fpt / 1e6:.1f}M"
+    )
+    print(
+        f"doc masking: {len(lengths)} documents in {BATCH} rows, mean length "
+        f"{statistics.mean(lengths):.0f}, max {max(lengths)} (seeded, mean param {args.doc_len})"
+    )
     budget = [float(args.quiet_wait)]
     meter = CpuMeter()
     wait_quiet(args, budget)
@@ -373,10 +424,13 @@ def main() -> None:
         group = []
         for compiled in modes:
             for impl in impls:
-                for m in (maskings if impl == "lmforge" else ["causal"]):
+                for m in maskings if impl == "lmforge" else ["causal"]:
                     group.append(Variant(impl, m, d, compiled, args.attention))
-        print(f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
-              "each, alternating", flush=True)
+        print(
+            f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
+            "each, alternating",
+            flush=True,
+        )
         results += run_group(group, args, budget, meter)
     report(results, peaks, fpt)
 
@@ -387,39 +441,67 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
     for c in results:
         v, med = c.v, statistics.median(c.times)
         tps[v] = ntok / med
-        rows.append([
-            v.impl, v.dtype if v.dtype == "fp32" else "bf16-autocast",
-            "compiled" if v.compiled else "eager",
-            ("doc, " if v.masking == "doc" else "causal, ") + attention_kernel(v),
-            f"{med:.3f}", f"{min(c.times):.3f}", f"{tps[v]:.0f}",
-            f"{100 * tps[v] * fpt / peaks[v.dtype]:.1f}%",
-            f"{c.info['peak_rss'] / 2**30:.2f}", f"{c.info['rss_base'] / 2**30:.2f}",
-            f"{c.info['loss']:.3f}", f"{100 * statistics.mean(c.foreign):.0f}%",
-        ])
-    head = ["impl", "precision", "mode", "masking / attention kernel", "step s (med)",
-            "step s (min)", "tok/s", "MFU", "peak RSS GiB", "base RSS GiB", "loss", "other CPU"]
-    print("\n" + "peak used for MFU: " + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s"
-                                                    for d, p in peaks.items()))
+        rows.append(
+            [
+                v.impl,
+                v.dtype if v.dtype == "fp32" else "bf16-autocast",
+                "compiled" if v.compiled else "eager",
+                ("doc, " if v.masking == "doc" else "causal, ") + attention_kernel(v),
+                f"{med:.3f}",
+                f"{min(c.times):.3f}",
+                f"{tps[v]:.0f}",
+                f"{100 * tps[v] * fpt / peaks[v.dtype]:.1f}%",
+                f"{c.info['peak_rss'] / 2**30:.2f}",
+                f"{c.info['rss_base'] / 2**30:.2f}",
+                f"{c.info['loss']:.3f}",
+                f"{100 * statistics.mean(c.foreign):.0f}%",
+            ]
+        )
+    head = [
+        "impl",
+        "precision",
+        "mode",
+        "masking / attention kernel",
+        "step s (med)",
+        "step s (min)",
+        "tok/s",
+        "MFU",
+        "peak RSS GiB",
+        "base RSS GiB",
+        "loss",
+        "other CPU",
+    ]
+    print(
+        "\n"
+        + "peak used for MFU: "
+        + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print("\npeak RSS = ru_maxrss of the variant's own subprocess (whole life: imports, model, "
-          "optimizer state, warm-up, compile); base RSS = after imports, before the model;\n"
-          "other CPU = mean share of the 2 CPUs used by processes outside this benchmark "
-          "during its rounds.")
+    print(
+        "\npeak RSS = ru_maxrss of the variant's own subprocess (whole life: imports, model, "
+        "optimizer state, warm-up, compile); base RSS = after imports, before the model;\n"
+        "other CPU = mean share of the 2 CPUs used by processes outside this benchmark "
+        "during its rounds."
+    )
     for c in results:
         if "hf_logits_maxdiff_vs_lmforge" in c.info:
-            print(f"{c.v.name}: attn={c.info['hf_attn']}, fp32 logits max|diff| vs lmforge with "
-                  f"the same weights = {c.info['hf_logits_maxdiff_vs_lmforge']:.2e}")
+            print(
+                f"{c.v.name}: attn={c.info['hf_attn']}, fp32 logits max|diff| vs lmforge with "
+                f"the same weights = {c.info['hf_logits_maxdiff_vs_lmforge']:.2e}"
+            )
     print()
     for v, t in tps.items():
         if v.impl != "lmforge":
             continue
         ref = Variant("hf", "causal", v.dtype, v.compiled, v.attention)
         if ref in tps:
-            print(f"ratio lmforge/HF tok/s  {v.dtype:4s} {'compiled' if v.compiled else 'eager':8s}"
-                  f" lmforge {v.masking:6s}: {t / tps[ref]:.2f}")
+            print(
+                f"ratio lmforge/HF tok/s  {v.dtype:4s} {'compiled' if v.compiled else 'eager':8s}"
+                f" lmforge {v.masking:6s}: {t / tps[ref]:.2f}"
+            )
 
 
 def profile(args: argparse.Namespace) -> None:

@@ -109,3 +109,15 @@ def test_shards_from_another_tokenizer_are_refused(
     assert main(["train-tokenizer", *args]) == 0  # a new tokenizer, the old shards
     assert main(["pretrain", *args]) == 2
     assert "written with another tokenizer" in capsys.readouterr().err
+
+
+def test_fresh_pretrain_never_overwrites_an_earlier_run(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}", "train.max_tokens=1024"]
+    assert main(["pretrain", *args]) == 0
+    before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    assert main(["pretrain", *args]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+    assert main(["pretrain", *args, "--resume"]) == 0  # already complete: nothing to do

@@ -21,7 +21,15 @@ from lmforge.data.sources import DataError
 from lmforge.logs import setup_logging
 from lmforge.recipe import Recipe, RecipeError, load_recipe
 
-USER_ERRORS = (RecipeError, DataError, ShardError, CheckpointError, FileNotFoundError, ValueError)
+USER_ERRORS = (
+    RecipeError,
+    DataError,
+    ShardError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+)
 
 
 def cmd_train_tokenizer(recipe: Recipe, args: argparse.Namespace) -> None:

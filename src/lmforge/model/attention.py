@@ -12,11 +12,13 @@ and never across. Two kernels, chosen by `ModelConfig.attention`:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import AttentionImpl, ModelConfig
 from lmforge.model.rope import apply_rope
 
 DENSE_MAX_SEQ_LEN = 1024
@@ -71,27 +73,52 @@ def document_lengths(positions: torch.Tensor) -> list[int]:
     return [b - a for a, b in zip(idx[:-1], idx[1:], strict=True)]
 
 
-def split_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """Document-causal attention at O(T) memory: q (B, H, T, D), k/v (B, Hkv, T, D)."""
-    B, H, T, D = q.shape
+@dataclass(frozen=True)
+class DocumentMask:
+    """The document mask of one forward pass, planned once and shared by every layer.
+
+    Either `dense` (B, 1, T, T) is set, or the split plan: `perm` orders the B*T tokens by the
+    length of their document, `sizes` is the token count of each group of equal-length
+    documents and `groups` its (documents, length).
+    """
+
+    dense: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    sizes: list[int] = field(default_factory=list)
+    groups: list[tuple[int, int]] = field(default_factory=list)
+
+
+def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
+    """Pick the kernel for this T (see module docstring) and precompute what it needs."""
+    T = positions.shape[-1]
+    if impl == "dense" or (impl == "auto" and T <= DENSE_MAX_SEQ_LEN):
+        return DocumentMask(dense=document_mask(positions))
     lengths = document_lengths(positions)
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
     perm = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in order])
-    perm = perm.to(q.device)
+    sizes, groups = _runs([lengths[i] for i in order])
+    return DocumentMask(perm=perm.to(positions.device), sizes=sizes, groups=groups)
+
+
+def split_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: DocumentMask
+) -> torch.Tensor:
+    """Document-causal attention at O(T) memory: q (B, H, T, D), k/v (B, Hkv, T, D)."""
+    B, H, T, D = q.shape
+    perm = plan.perm
+    if perm is None:
+        raise ValueError("split_attention needs a split plan (plan_document_mask)")
 
     def flat(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, D) → (B*T, h, D), sorted by doc length
         return x.transpose(1, 2).reshape(B * T, x.shape[1], D).index_select(0, perm)
 
     qs, ks, vs = flat(q), flat(k), flat(v)
-    sizes, counts = _runs([lengths[i] for i in order])
     outs = []
-    chunks = zip(qs.split(sizes), ks.split(sizes), vs.split(sizes), strict=True)
-    for (qc, kc, vc), (n, L) in zip(chunks, counts, strict=True):
+    chunks = zip(qs.split(plan.sizes), ks.split(plan.sizes), vs.split(plan.sizes), strict=True)
+    for (qc, kc, vc), (n, L) in zip(chunks, plan.groups, strict=True):
         qc, kc, vc = (x.view(n, L, x.shape[1], D).transpose(1, 2) for x in (qc, kc, vc))
         o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=True)
         outs.append(o.transpose(1, 2).reshape(n * L, H, D))
@@ -128,9 +155,10 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor | None,
+        mask: DocumentMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """mask None: plain causal over the row (or over the cache when one is given)."""
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -145,22 +173,12 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:  # new tokens see the whole prefix and each other causally
                 S = past + T
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        elif positions is None:
+                seen = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=True)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        elif self._use_dense(T):
-            mask = document_mask(positions)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif mask.dense is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
         else:
-            y = split_attention(q, k, v, positions)
+            y = split_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
-
-    def _use_dense(self, T: int) -> bool:
-        match self.cfg.attention:
-            case "dense":
-                return True
-            case "split":
-                return False
-            case "auto":
-                return T <= DENSE_MAX_SEQ_LEN

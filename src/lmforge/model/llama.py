@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.attention import Attention, KVCache
+from lmforge.model.attention import Attention, DocumentMask, KVCache, plan_document_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.rope import rope_cos_sin
 
@@ -60,10 +60,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        positions: torch.Tensor | None,
+        mask: DocumentMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,14 +112,16 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Final normed hidden states (B, T, d_model), before the output head."""
         B, T = input_ids.shape
-        mask_positions = positions
+        mask = None
+        if positions is not None and cache is None:
+            mask = plan_document_mask(positions, self.cfg.attention)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for block in self.layers:
-            x = block(x, cos, sin, mask_positions, cache)
+            x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.norm(x)

@@ -94,7 +94,12 @@ def train(
     total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
     ckpt_dir = checkpoint_dir(run_dir)
     step, tokens = 0, 0
-    last = latest_checkpoint(ckpt_dir) if resume else None
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None and not resume:
+        raise FileExistsError(
+            f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or use another run_dir (nothing was overwritten)"
+        )
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
     if last is not None:
