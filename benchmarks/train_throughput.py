@@ -162,9 +162,10 @@ def attention_kernel(v: Variant) -> str:
         return "sdpa (HF causal)"
     if v.masking == "causal":
         return "sdpa is_causal"
-    from lmforge.model.attention import Attention
+    from lmforge.model.attention import plan_document_mask
 
-    dense = Attention(model_config(v.attention), 0)._use_dense(SEQ_LEN)
+    positions = torch.arange(SEQ_LEN)[None]
+    dense = plan_document_mask(positions, v.attention).dense is not None  # type: ignore[arg-type]
     return f"{'dense bool mask' if dense else 'split per-doc'} (attention={v.attention})"
 
 

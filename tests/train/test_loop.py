@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -109,3 +110,17 @@ def test_training_lowers_held_out_loss(tmp_path: Path) -> None:
     evals = [r["val_loss"] for r in records if "val_loss" in r]
     assert evals[0] > 2.5 and evals[-1] < evals[0] - 1.0
     assert records[-1]["loss"] < records[0]["loss"] - 2.0
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("tokenizer.json", "shards"):
+        os.symlink(tiny_run / name, other / name)
+    common = ["train.precision=fp32", "train.max_tokens=1536", "eval.every_steps=0"]
+    eager = _pretrain_in_process(tiny_run, *common)
+    compiled = _pretrain_in_process(other, *common, "train.compile=true")
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"]
+    assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4 * eager[-1]["val_loss"]

@@ -106,8 +106,8 @@ def train(
         state = load_checkpoint(last, model, optimizer)
         step, tokens = state.step, state.tokens
         loader.load_state_dict(state.loader)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
+    _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past the checkpoint are redone
     amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     peak = measure_matmul_peak(amp_dtype or torch.float32, device)
     flops_per_token = model.cfg.flops_per_token(seq_len)
@@ -180,7 +180,7 @@ def _fmt(v: Any) -> str:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be redone)."""
+    """Keep only the records up to `step` (0 for a fresh run)."""
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
