@@ -44,7 +44,7 @@ class GenerateConfig:
             raise ValueError(f"generate.top_p must be in (0, 1] or None, got {self.top_p}")
 
 
-class TextTokenizer(Protocol):
+class TokenizerLike(Protocol):
     """What `generate_text` needs from a tokenizer."""
 
     def encode(self, text: str) -> list[int]: ...
@@ -137,7 +137,7 @@ def generate(
 
 def generate_text(
     model: Llama,
-    tokenizer: TextTokenizer,
+    tokenizer: TokenizerLike,
     prompt: str,
     cfg: GenerateConfig,
     generator: torch.Generator | None = None,

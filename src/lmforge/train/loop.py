@@ -86,6 +86,10 @@ def train(
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train until cfg.max_tokens; return the per-step metric records of this call."""
+    if world_size() > 1:  # the data and the batch math are rank-aware; gradient sync is not yet
+        raise NotImplementedError(
+            "multi-process training (torchrun, FSDP2) is not implemented yet; run one process"
+        )
     device = resolve_device(cfg.device)
     model.to(device).train()
     optimizer = build_optimizer(model, optim_cfg)
