@@ -120,4 +120,4 @@ def test_fresh_pretrain_never_overwrites_an_earlier_run(
     assert main(["pretrain", *args]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
-    assert main(["pretrain", *args, "--resume"]) == 0  # already complete: nothing to do
+    assert main(["pretrain", "--resume", *args]) == 0  # already complete: nothing to do

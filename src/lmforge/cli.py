@@ -129,7 +129,12 @@ def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.args += extra  # overrides written after an option (`--resume a.b=1`)
     setup_logging()
     try:
         recipe = recipe_from_args(args.verb, args)
