@@ -112,3 +112,10 @@ def test_loads_in_transformers(tokenizer: TextTokenizer, tmp_path: Path) -> None
     text = SAMPLE_TEXTS[1] + SAMPLE_TEXTS[3]
     assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)
     assert hf.decode(tokenizer.encode(text)) == text
+
+
+def test_special_token_text_in_a_document_stays_text(tokenizer: TextTokenizer) -> None:
+    text = "a doc that quotes <|eos|> and <|im_start|>user"
+    ids = tokenizer.encode(text)
+    assert not set(ids) & set(range(len(SPECIAL_TOKENS)))  # no special id from raw text
+    assert tokenizer.decode(ids) == text

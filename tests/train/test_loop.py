@@ -31,11 +31,16 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(last / "model.safetensors"))
 
 
-def test_grad_accumulation_4x1_equals_1x4(tiny_run: Path, tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
+def _sibling_run(run_dir: Path, new: Path) -> Path:
+    """A second run dir sharing run_dir's tokenizer and shards, with no checkpoints."""
+    new.mkdir()
     for name in ("tokenizer.json", "shards"):
-        os.symlink(tiny_run / name, other / name)
+        os.symlink(run_dir / name, new / name)
+    return new
+
+
+def test_grad_accumulation_4x1_equals_1x4(tiny_run: Path, tmp_path: Path) -> None:
+    other = _sibling_run(tiny_run, tmp_path / "other")
     common = ["train.precision=fp32", "train.batch_tokens=256", "train.max_tokens=768"]
     a = _pretrain_in_process(tiny_run, *common, "train.micro_batch_size=1")  # 4 micro-steps
     b = _pretrain_in_process(other, *common, "train.micro_batch_size=4")  # 1 micro-step
@@ -62,10 +67,7 @@ def _cli(run_dir: Path, *args: str) -> None:
 
 
 def test_resume_in_new_process_is_bit_exact(tiny_run: Path, tmp_path: Path) -> None:
-    split = tmp_path / "split"
-    split.mkdir()
-    for name in ("tokenizer.json", "shards"):
-        os.symlink(tiny_run / name, split / name)
+    split = _sibling_run(tiny_run, tmp_path / "split")
     _cli(tiny_run)  # 16 steps straight through
     _cli(split, "train.stop_at_step=7")  # 7 steps, checkpoint, exit
     assert latest_checkpoint(split / "checkpoints").name == "step_00000007"  # type: ignore[union-attr]
@@ -114,10 +116,7 @@ def test_training_lowers_held_out_loss(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_run: Path, tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("tokenizer.json", "shards"):
-        os.symlink(tiny_run / name, other / name)
+    other = _sibling_run(tiny_run, tmp_path / "other")
     common = ["train.precision=fp32", "train.max_tokens=1536", "eval.every_steps=0"]
     eager = _pretrain_in_process(tiny_run, *common)
     compiled = _pretrain_in_process(other, *common, "train.compile=true")

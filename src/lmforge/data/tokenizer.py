@@ -62,6 +62,8 @@ class TextTokenizer:
     def __init__(self, backend: Tokenizer, json_text: str | None = None) -> None:
         self.backend = backend
         self._json = json_text if json_text is not None else backend.to_str()
+        # Text that happens to spell "<|eos|>" stays text: special ids come only from code.
+        backend.encode_special_tokens = True
         for i, token in enumerate(SPECIAL_TOKENS):
             if backend.token_to_id(token) != i:
                 raise ValueError(f"special token {token} must have id {i}; retrain the tokenizer")
