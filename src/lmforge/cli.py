@@ -85,7 +85,10 @@ VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train small LLaMA-family language models, one verb per pipeline stage.",
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
