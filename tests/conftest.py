@@ -17,7 +17,7 @@ TINY_OVERRIDES = [
     "data.sources=[{name: english, path: 'builtin:english', max_bytes: 20000},"
     " {name: chinese, path: 'builtin:chinese', max_bytes: 20000},"
     " {name: code, path: 'builtin:code', max_bytes: 20000}]",
-    "data.heldout_fraction=0.1",
+    "data.heldout_fraction=0.3",
     "tokenizer.vocab_size=512",
     "model.vocab_size=512",
     "model.num_layers=2",

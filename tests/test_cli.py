@@ -35,6 +35,12 @@ def test_demo_runs_every_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ):
         assert (run_dir / name).exists(), name
 
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    parts = [n for n, c in manifest["sources"].items() if c["val"]["docs"]]
+    assert len(parts) >= 2 and all(evaluation[n]["bpb"] > 0 for n in parts)
+    assert sum(evaluation[n]["tokens"] for n in parts) == evaluation["val_tokens"]
+
     transformers = pytest.importorskip("transformers")
     hf = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").eval()
     ours = import_hf(run_dir / "hf")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
-from lmforge.data.loader import DocumentSet, PackedLoader
+from lmforge.data.loader import DocumentRange, DocumentSet, PackedLoader
 from lmforge.data.shards import list_shards
 from lmforge.data.tokenize import iter_corpus, tokenize_corpus
 from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
@@ -103,7 +103,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
 
 def perplexity(
     model: Llama,
-    val: DocumentSet,
+    val: DocumentSet | DocumentRange,
     recipe: Recipe,
     special: tuple[int, int, int],
     device: torch.device,
@@ -148,12 +148,34 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     val = DocumentSet(list_shards(paths.shards, "val"), tokenizer.sha256)
     device = resolve_device(recipe.train.device)
-    result = {
+    model.to(device)
+    result: dict[str, Any] = {
         "checkpoint": str(path),
-        **perplexity(model.to(device), val, trained, special, device, max_batches=None),
+        **perplexity(model, val, trained, special, device, max_batches=None),
     }
+    for name, part in val_parts_by_source(val, paths.shards / "manifest.json"):
+        metrics = perplexity(model, part, trained, special, device, max_batches=None)
+        result[name] = {k.removeprefix("val_"): v for k, v in metrics.items()}
     paths.eval.write_text(json.dumps(result, indent=2))
     return result
+
+
+def val_parts_by_source(val: DocumentSet, manifest_path: Path) -> list[tuple[str, DocumentRange]]:
+    """The val split cut by source: tokenize writes each split's documents source by source,
+    in the order the manifest lists the sources."""
+    manifest = json.loads(manifest_path.read_text())
+    parts, start = [], 0
+    for name, counts in manifest["sources"].items():
+        n = counts["val"]["docs"]
+        if n:
+            parts.append((name, DocumentRange(val, start, start + n)))
+        start += n
+    if start != val.num_docs:
+        raise ValueError(
+            f"{manifest_path}: lists {start} val documents, the shards hold "
+            f"{val.num_docs}; re-run 'lmforge tokenize'"
+        )
+    return parts
 
 
 def generate_stage(

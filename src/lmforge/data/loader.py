@@ -35,8 +35,17 @@ class DocumentSet:
         self.num_docs = int(self.starts[-1])
 
     def document(self, index: int) -> np.ndarray:
+        shard, local = self._locate(index)
+        return self.shards[shard].document(local)
+
+    def document_bytes(self, index: int) -> int:
+        """UTF-8 bytes of the source text of document `index`."""
+        shard, local = self._locate(index)
+        return int(self.shards[shard].doc_bytes[local])
+
+    def _locate(self, index: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return self.shards[shard].document(index - int(self.starts[shard]))
+        return shard, index - int(self.starts[shard])
 
     @property
     def num_tokens(self) -> int:
@@ -45,6 +54,26 @@ class DocumentSet:
     @property
     def num_bytes(self) -> int:
         return sum(int(s.doc_bytes.sum()) for s in self.shards)
+
+
+class DocumentRange:
+    """Documents [start, stop) of a DocumentSet, e.g. one source's part of the val split."""
+
+    def __init__(self, docs: DocumentSet, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= docs.num_docs:
+            raise ValueError(f"document range [{start}, {stop}) outside [0, {docs.num_docs})")
+        self.docs, self.start, self.num_docs = docs, start, stop - start
+
+    def document(self, index: int) -> np.ndarray:
+        return self.docs.document(self.start + index)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(self.document(i)) for i in range(self.num_docs))
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(self.docs.document_bytes(self.start + i) for i in range(self.num_docs))
 
 
 @dataclass
@@ -63,7 +92,7 @@ class PackedLoader:
 
     def __init__(
         self,
-        docs: DocumentSet,
+        docs: DocumentSet | DocumentRange,
         packing: PackingConfig,
         batch_size: int,
         special_ids: tuple[int, int, int],
