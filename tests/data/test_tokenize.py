@@ -143,3 +143,13 @@ def test_duplicate_source_names_are_rejected() -> None:
     source = SourceConfig(name="a", path="x.jsonl")
     with pytest.raises(DataError, match="unique names"):
         DataConfig(sources=(source, source))
+
+
+def test_one_document_corpus_is_refused_before_training(
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
+    (tmp_path / "book.txt").write_text("a whole book in one file " * 100)
+    cfg = DataConfig(sources=(SourceConfig(name="book", path=str(tmp_path / "book.txt")),))
+    with pytest.raises(DataError, match=r"1 document\(s\), too few .* one document per line"):
+        tokenize_corpus(cfg, tokenizer, tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()

@@ -190,6 +190,12 @@ def _ensure_both_splits(train: _SplitWriter, val: _SplitWriter) -> None:
             doc = src.pending.pop()
             src.pending_tokens -= len(doc.ids)
             dst.add(doc)
+    if train.num_docs == 0 or val.num_docs == 0:
+        raise DataError(
+            f"the corpus has {train.num_docs + val.num_docs} document(s), too few for a train and a"
+            " val split (a .txt file is one document); give more documents, e.g. a .jsonl file"
+            " with one document per line"
+        )
 
 
 def _manifest(

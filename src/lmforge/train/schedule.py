@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
-    warmup_tokens: int = 50_000
+    warmup_tokens: int = 20_000
     """Linear warmup from 0 to the peak lr over this many tokens."""
     cooldown_tokens: int = 100_000
     """Final linear decay to final_lr_ratio · lr over the last this-many tokens."""
