@@ -1,8 +1,13 @@
-"""Byte-level BPE: exact round trip of any text, fixed special ids, save/load identity."""
+"""Byte-level BPE: exact round trip of any text, fixed special ids, save/load identity, vocab
+padding and presets, balanced sampling of training text across sources."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from lmforge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer, TokenizerConfig, train_tokenizer
+from lmforge.data.tokenizer import (
+    RESERVED_TOKEN,
+    SPECIAL_TOKENS,
+    VOCAB_PRESETS,
+    TextTokenizer,
+    TokenizerConfig,
+    sample_sources,
+    train_tokenizer,
+)
 
 SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?\n" * 3,
@@ -119,3 +132,159 @@ def test_special_token_text_in_a_document_stays_text(tokenizer: TextTokenizer) -
     ids = tokenizer.encode(text)
     assert not set(ids) & set(range(len(SPECIAL_TOKENS)))  # no special id from raw text
     assert tokenizer.decode(ids) == text
+
+
+# --- vocabulary padding and presets ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded() -> TextTokenizer:
+    return train_tokenizer(SAMPLE_TEXTS * 5, TokenizerConfig(vocab_size=500, pad_to_multiple_of=64))
+
+
+def _reserved_ids(tok: TextTokenizer) -> set[int]:
+    vocab = tok.backend.get_vocab(with_added_tokens=True)
+    return {i for token, i in vocab.items() if token.startswith("<|reserved_")}
+
+
+def test_pad_to_multiple_of_appends_reserved_tokens(padded: TextTokenizer) -> None:
+    assert padded.vocab_size % 64 == 0
+    trained = padded.backend.get_vocab_size(with_added_tokens=False)
+    assert trained <= 500 < trained + 64  # the small corpus stops short of vocab_size
+    reserved = _reserved_ids(padded)
+    assert reserved == set(range(trained, padded.vocab_size))  # the tail, nothing else
+    assert padded.backend.token_to_id(RESERVED_TOKEN.format(0)) == trained
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert padded.backend.token_to_id(token) == i
+
+
+@pytest.mark.parametrize(
+    "text", [*SAMPLE_TEXTS, "quoting <|reserved_0|> and <|reserved_3|> in a document", ""]
+)
+def test_reserved_tokens_never_come_from_text(padded: TextTokenizer, text: str) -> None:
+    ids = padded.encode(text)
+    assert not set(ids) & _reserved_ids(padded)
+    assert padded.decode(ids) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text())
+def test_padded_round_trip_any_text(padded: TextTokenizer, text: str) -> None:
+    ids = padded.encode(text)
+    assert padded.decode(ids) == text
+    assert max(ids, default=0) < padded.vocab_size - len(_reserved_ids(padded))
+
+
+def test_padded_tokenizer_saves_and_loads(padded: TextTokenizer, tmp_path: Path) -> None:
+    padded.save(tmp_path / "tokenizer.json")
+    loaded = TextTokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.vocab_size == padded.vocab_size
+    assert loaded.encode("<|reserved_0|>") == padded.encode("<|reserved_0|>")
+
+
+def test_pad_to_a_multiple_already_met_adds_nothing() -> None:
+    plain = train_tokenizer(SAMPLE_TEXTS, TokenizerConfig(vocab_size=300))
+    same = train_tokenizer(SAMPLE_TEXTS, TokenizerConfig(vocab_size=300, pad_to_multiple_of=1))
+    assert same.vocab_size == plain.vocab_size
+    assert not _reserved_ids(same)
+
+
+def test_presets_supply_vocab_size() -> None:
+    assert VOCAB_PRESETS == {"xmodel-lm": 32000, "xgen": 51200, "chuxin": 102400}
+    for name, size in VOCAB_PRESETS.items():
+        assert TokenizerConfig(preset=name).vocab_size == size
+        assert TokenizerConfig(preset=name, vocab_size=size).vocab_size == size  # agrees: fine
+        assert size % 128 == 0  # already GPU-friendly: padding to 128 adds nothing at full size
+
+
+def test_preset_trains_and_pads_on_a_small_corpus() -> None:
+    tok = train_tokenizer(SAMPLE_TEXTS, TokenizerConfig(preset="xmodel-lm", pad_to_multiple_of=128))
+    assert tok.vocab_size % 128 == 0
+    assert tok.vocab_size <= 32000  # too little text for 32,000 merges; still a multiple
+    assert tok.decode(tok.encode(SAMPLE_TEXTS[1])) == SAMPLE_TEXTS[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of"),
+        ({"pad_to_multiple_of": -64}, "pad_to_multiple_of"),
+        ({"preset": "gpt5"}, "preset"),
+        ({"preset": "xgen", "vocab_size": 32000}, "vocab_size"),
+        ({"vocab_size": 100}, "vocab_size"),
+        ({"max_train_bytes": 0}, "max_train_bytes"),
+    ],
+)
+def test_invalid_config_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        TokenizerConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --- sample_sources -------------------------------------------------------------------------
+
+
+def _docs(char: str, seed: int, limit: int | None = None) -> Iterator[str]:
+    """Documents of one repeated character (1-3 UTF-8 bytes) and random length, so bytes per
+    source can be counted from the output alone."""
+    rng = random.Random(seed)
+    for _ in itertools.count() if limit is None else range(limit):
+        yield char * rng.randint(1, 400)
+
+
+def _bytes_by_char(docs: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for doc in docs:
+        counts[doc[0]] = counts.get(doc[0], 0) + len(doc.encode("utf-8"))
+    return counts
+
+
+def test_sample_sources_follows_byte_shares() -> None:
+    streams = {"en": _docs("a", 0), "zh": _docs("中", 1), "code": _docs("#", 2)}
+    docs = list(sample_sources(streams, {"en": 5, "zh": 4, "code": 1}, max_bytes=300_000))
+    counts = _bytes_by_char(docs)
+    total = sum(counts.values())
+    assert total == 300_000
+    for char, share in (("a", 0.5), ("中", 0.4), ("#", 0.1)):
+        assert counts[char] / total == pytest.approx(share, abs=0.01)
+
+
+def test_sample_sources_drops_an_exhausted_source(caplog: pytest.LogCaptureFixture) -> None:
+    short = list(_docs("b", 3, limit=5))
+    streams = {"a": _docs("a", 0), "b": iter(short), "c": _docs("c", 2)}
+    with caplog.at_level(logging.INFO, logger="lmforge.data.tokenizer"):
+        docs = list(sample_sources(streams, {"a": 0.2, "b": 0.6, "c": 0.2}, max_bytes=100_000))
+    assert [d for d in docs if d[0] == "b"] == short  # all of it, in order
+    counts = _bytes_by_char(docs)
+    assert sum(counts.values()) == 100_000  # the others filled the rest
+    assert counts["a"] / counts["c"] == pytest.approx(1.0, abs=0.02)
+    assert "'b' ran out" in caplog.text
+
+
+def test_sample_sources_never_exceeds_max_bytes() -> None:
+    for max_bytes in (0, 1, 700, 1001):
+        streams = {"zh": _docs("中", 1), "emoji": _docs("👍", 4)}
+        docs = list(sample_sources(streams, {"zh": 1, "emoji": 1}, max_bytes=max_bytes))
+        total = sum(len(d.encode("utf-8")) for d in docs)
+        assert max_bytes - 4 < total <= max_bytes  # a cut mid-character drops that character
+        assert all(docs)  # no empty documents
+
+
+def test_sample_sources_without_limit_reads_everything() -> None:
+    a, b = list(_docs("a", 0, limit=30)), list(_docs("b", 1, limit=3))
+    docs = list(sample_sources({"a": iter(a), "b": iter(b)}, {"a": 1, "b": 1}, max_bytes=None))
+    assert sorted(docs) == sorted(a + b)
+
+
+def test_sample_sources_is_deterministic() -> None:
+    def run() -> list[str]:
+        streams = {"x": _docs("x", 0), "y": _docs("y", 1), "z": _docs("z", 2, limit=7)}
+        return list(sample_sources(streams, {"x": 0.3, "y": 0.3, "z": 0.4}, max_bytes=20_000))
+
+    assert run() == run()
+
+
+def test_sample_sources_rejects_bad_shares() -> None:
+    with pytest.raises(ValueError, match="shares: sources"):
+        list(sample_sources({"a": iter(["x"])}, {"b": 1.0}, max_bytes=None))
+    with pytest.raises(ValueError, match="shares: 'a' has share 0"):
+        list(sample_sources({"a": iter(["x"])}, {"a": 0}, max_bytes=None))
