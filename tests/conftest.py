@@ -18,6 +18,7 @@ TINY_OVERRIDES = [
     " {name: chinese, path: 'builtin:chinese', max_bytes: 20000},"
     " {name: code, path: 'builtin:code', max_bytes: 20000}]",
     "data.heldout_fraction=0.3",
+    "data.workers=1",
     "tokenizer.vocab_size=512",
     "model.vocab_size=512",
     "model.num_layers=2",

@@ -101,11 +101,11 @@ def test_truncated_shard_and_checkpoint_are_named(
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["eval", *args]) == 2
     assert "model.safetensors: truncated" in capsys.readouterr().err
-    shard = tiny_run / "shards" / "train_00000.bin"
+    shard = tiny_run / "shards" / "train_english_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-8])
     assert main(["pretrain", *args]) == 2
     err = capsys.readouterr().err
-    assert "train_00000.bin" in err and "truncated" in err
+    assert "train_english_00000.bin" in err and "truncated" in err
 
 
 def test_shards_from_another_tokenizer_are_refused(

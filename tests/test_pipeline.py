@@ -1,19 +1,24 @@
-"""The pipeline's view of the val split: cut by source in manifest order."""
+"""The pipeline's view of the shards: per-source splits and the pretraining mixture."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from lmforge.data.loader import DocumentSet
-from lmforge.data.shards import list_shards
+import pytest
+
+from lmforge.data.loader import split_sources, whole_split
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.pipeline import val_parts_by_source
+from lmforge.pipeline import mixture_sources
+from lmforge.recipe import RecipeError, load_recipe
+from tests.conftest import TINY_OVERRIDES
 
 
 def test_val_parts_hold_each_sources_documents(prepared_run: Path) -> None:
     tokenizer = TextTokenizer.load(prepared_run / "tokenizer.json")
-    val = DocumentSet(list_shards(prepared_run / "shards", "val"))
-    parts = dict(val_parts_by_source(val, prepared_run / "shards" / "manifest.json"))
+    shards = prepared_run / "shards"
+    val = whole_split(shards, "val", tokenizer.sha256)
+    parts = split_sources(shards, "val", tokenizer.sha256)
     assert sum(p.num_docs for p in parts.values()) == val.num_docs
     assert sum(p.num_tokens for p in parts.values()) == val.num_tokens
 
@@ -24,3 +29,20 @@ def test_val_parts_hold_each_sources_documents(prepared_run: Path) -> None:
     assert "chinese" in parts and sum("\u4e00" <= c <= "\u9fff" for c in text("chinese")) > 50
     for name in set(parts) - {"chinese"}:
         assert not any("\u4e00" <= c <= "\u9fff" for c in text(name)), name
+
+
+def test_mixture_weights_default_to_source_sizes(prepared_run: Path) -> None:
+    recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}"])
+    sha = TextTokenizer.load(prepared_run / "tokenizer.json").sha256
+    natural = mixture_sources(recipe, prepared_run / "shards", sha)
+    assert [s.weight for s in natural] == [s.docs.num_tokens for s in natural]
+    sources = tuple(
+        dataclasses.replace(s, weight=w, max_epochs=2.0)
+        for s, w in zip(recipe.data.sources, (1.0, 2.0, 3.0), strict=True)
+    )
+    weighted = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources))
+    mixed = mixture_sources(weighted, prepared_run / "shards", sha)
+    assert [(s.weight, s.max_epochs) for s in mixed] == [(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)]
+    fewer = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources[:1]))
+    with pytest.raises(RecipeError, match="re-run 'lmforge tokenize'"):
+        mixture_sources(fewer, prepared_run / "shards", sha)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,29 @@ def test_bad_override_and_missing_file(tmp_path: Path) -> None:
         load_recipe(None, ["model.num_layers"])
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_mixture_in_yaml_is_typed_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "mix.yaml"
+    path.write_text(
+        "data:\n"
+        "  sources:\n"
+        "    - {name: en, path: a.jsonl, weight: 3, max_epochs: 2}\n"
+        "    - {name: zh, path: b.jsonl, weight: 1}\n"
+        "  mixture_stages:\n"
+        "    - {from_tokens: 1000, weights: {zh: 3}}\n"
+        "  clean: {max_symbol_ratio: 0.1}\n"
+        "  on_error: skip\n"
+    )
+    data = load_recipe(path).data
+    assert [(s.weight, s.max_epochs) for s in data.sources] == [(3.0, 2.0), (1.0, None)]
+    assert data.mixture_stages[0].weights == {"zh": 3.0}
+    assert data.on_error == "skip" and data.clean.max_symbol_ratio == 0.1
+    as_override = f"data={json.dumps(recipe_to_dict(Recipe(data=data))['data'])}"
+    assert load_recipe(None, [as_override]).data == data  # saved recipes load back equal
+    with pytest.raises(RecipeError, match=r"mixture_stages\[0\].weights.zh: expected float"):
+        load_recipe(path, ["data.mixture_stages=[{from_tokens: 0, weights: {zh: lots}}]"])
+    with pytest.raises(RecipeError, match="unknown sources"):
+        load_recipe(path, ["data.mixture_stages=[{from_tokens: 0, weights: {fr: 1}}]"])
+    with pytest.raises(RecipeError, match="give every source a weight, or none"):
+        load_recipe(path, ["data.sources=[{name: en, path: a, weight: 1}, {name: zh, path: b}]"])

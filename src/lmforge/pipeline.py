@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
-from lmforge.data.loader import DocumentRange, DocumentSet, PackedLoader
-from lmforge.data.shards import list_shards
-from lmforge.data.tokenize import iter_corpus, tokenize_corpus
-from lmforge.data.tokenizer import TextTokenizer, train_tokenizer
+from lmforge.data.clean import CleanConfig, clean
+from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
+from lmforge.data.mixture import MixtureSource
+from lmforge.data.sources import read_documents
+from lmforge.data.tokenize import tokenize_corpus
+from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenizer
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.eval.perplexity import evaluate_perplexity
 from lmforge.export import export_hf
@@ -43,13 +46,30 @@ class RunPaths:
 
 
 def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
+    """BPE on a sample of the cleaned sources, each source's share of bytes as the recipe says."""
     paths = RunPaths(recipe.run_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
-    texts = (text for _, text in iter_corpus(recipe.data))
+    sources = recipe.data.sources
+    shares = dict(recipe.tokenizer.source_shares) or {s.name: s.weight or 1.0 for s in sources}
+    if set(shares) != {s.name for s in sources}:
+        raise RecipeError(
+            f"tokenizer.source_shares names {sorted(shares)}; give a share for each of the"
+            f" data sources {[s.name for s in sources]}"
+        )
+    streams = {s.name: _cleaned(read_documents(s), recipe.data.clean) for s in sources}
+    texts = sample_sources(streams, shares, recipe.tokenizer.max_train_bytes)
     tokenizer = train_tokenizer(texts, recipe.tokenizer)
     tokenizer.save(paths.tokenizer)
     log.info("trained tokenizer: %d tokens → %s", tokenizer.vocab_size, paths.tokenizer)
     return tokenizer
+
+
+def _cleaned(texts: Iterator[str], cfg: CleanConfig) -> Iterator[str]:
+    """The documents tokenize would keep, normalized the same way (before dedup)."""
+    for text in texts:
+        cleaned, reason = clean(text, cfg)
+        if reason is None:
+            yield cleaned
 
 
 def tokenize_stage(recipe: Recipe) -> dict[str, Any]:
@@ -71,17 +91,17 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    docs = DocumentSet(list_shards(paths.shards, "train"), tokenizer.sha256)
     loader = PackedLoader(
-        docs,
+        mixture_sources(recipe, paths.shards, tokenizer.sha256),
         recipe.packing,
         recipe.train.micro_batch_size,
         special,
         seed=recipe.seed,
         rank=rank(),
         world_size=world_size(),
+        stages=recipe.data.mixture_stages,
     )
-    val = DocumentSet(list_shards(paths.shards, "val"), tokenizer.sha256)
+    val = whole_split(paths.shards, "val", tokenizer.sha256)
 
     def evaluate(m: Llama) -> dict[str, float]:
         device = resolve_device(recipe.train.device)
@@ -101,9 +121,32 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     )
 
 
+def mixture_sources(recipe: Recipe, shards: Path, tokenizer_sha256: str) -> list[MixtureSource]:
+    """The train split of each recipe source, weighted as the recipe says (or by its size)."""
+    found = split_sources(shards, "train", tokenizer_sha256)
+    configs = {s.name: s for s in recipe.data.sources}
+    if set(found) - set(configs):
+        raise RecipeError(
+            f"{shards}: holds sources {sorted(found)}, the recipe names {sorted(configs)};"
+            " re-run 'lmforge tokenize' after changing data.sources"
+        )
+    sources = []
+    for name, docs in found.items():
+        weight = configs[name].weight
+        sources.append(
+            MixtureSource(
+                name,
+                docs,
+                weight=float(docs.num_tokens) if weight is None else weight,
+                max_epochs=configs[name].max_epochs,
+            )
+        )
+    return sources
+
+
 def perplexity(
     model: Llama,
-    val: DocumentSet | DocumentRange,
+    val: DocumentSet,
     recipe: Recipe,
     special: tuple[int, int, int],
     device: torch.device,
@@ -146,36 +189,18 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     paths = RunPaths(recipe.run_dir)
     tokenizer = TextTokenizer.load(paths.tokenizer)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    val = DocumentSet(list_shards(paths.shards, "val"), tokenizer.sha256)
+    val = whole_split(paths.shards, "val", tokenizer.sha256)
     device = resolve_device(recipe.train.device)
     model.to(device)
     result: dict[str, Any] = {
         "checkpoint": str(path),
         **perplexity(model, val, trained, special, device, max_batches=None),
     }
-    for name, part in val_parts_by_source(val, paths.shards / "manifest.json"):
+    for name, part in split_sources(paths.shards, "val", tokenizer.sha256).items():
         metrics = perplexity(model, part, trained, special, device, max_batches=None)
         result[name] = {k.removeprefix("val_"): v for k, v in metrics.items()}
     paths.eval.write_text(json.dumps(result, indent=2))
     return result
-
-
-def val_parts_by_source(val: DocumentSet, manifest_path: Path) -> list[tuple[str, DocumentRange]]:
-    """The val split cut by source: tokenize writes each split's documents source by source,
-    in the order the manifest lists the sources."""
-    manifest = json.loads(manifest_path.read_text())
-    parts, start = [], 0
-    for name, counts in manifest["sources"].items():
-        n = counts["val"]["docs"]
-        if n:
-            parts.append((name, DocumentRange(val, start, start + n)))
-        start += n
-    if start != val.num_docs:
-        raise ValueError(
-            f"{manifest_path}: lists {start} val documents, the shards hold "
-            f"{val.num_docs}; re-run 'lmforge tokenize'"
-        )
-    return parts
 
 
 def generate_stage(

@@ -131,6 +131,13 @@ def _convert(hint: Any, value: Any, where: str, path: str) -> Any:
         if value not in args:
             raise RecipeError(f"{where}: {path}: expected one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: {path}: expected a mapping, got {value!r}")
+        return {
+            _convert(args[0], k, where, f"{path}.{k}"): _convert(args[1], v, where, f"{path}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise RecipeError(f"{where}: {path}: expected a list, got {value!r}")

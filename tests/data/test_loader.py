@@ -1,15 +1,28 @@
-"""Packing and the resumable loader: every token exactly once, exact resume, disjoint ranks."""
+"""Packing, mixtures and the resumable loader: every token exactly once, shares as targeted,
+exact resume across epochs, disjoint ranks."""
 
 from __future__ import annotations
 
 import itertools
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge.data.loader import DocumentSet, PackedLoader
-from lmforge.data.packing import IGNORE_INDEX, PackingConfig, pack_row, wrap_document
+from lmforge.data.mixture import (
+    DocumentStream,
+    MixtureSource,
+    MixtureStage,
+    StreamState,
+    mixture_for,
+)
+from lmforge.data.packing import IGNORE_INDEX, PackedBatch, PackingConfig, pack_row, wrap_document
 from lmforge.data.shards import write_shard
 
 BOS, EOS, PAD = 1, 2, 0
@@ -72,23 +85,58 @@ def test_positions_restart_at_every_document(docs: DocumentSet) -> None:
     assert plain.positions is None and (plain.input_ids == batch.input_ids).all()
 
 
+def _same(a: list[PackedBatch], b: list[PackedBatch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert (x.input_ids == y.input_ids).all() and (x.labels == y.labels).all()
+        assert x.positions is not None and y.positions is not None
+        assert (x.positions == y.positions).all()
+
+
+def _resumed(make: Callable[[], PackedLoader], head: int, tail: int) -> list[PackedBatch]:
+    """`head` batches, state through JSON into a fresh loader, then `tail` more batches."""
+    first = make()
+    batches = list(itertools.islice(first, head))
+    second = make()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    return batches + list(itertools.islice(second, tail))
+
+
 def test_resume_from_state_gives_the_same_batches(docs: DocumentSet) -> None:
     cfg = PackingConfig(seq_len=16)
-    straight = list(itertools.islice(PackedLoader(docs, cfg, 2, SPECIAL, seed=3), 40))
-    first = PackedLoader(docs, cfg, 2, SPECIAL, seed=3)
-    head = list(itertools.islice(first, 17))
-    second = PackedLoader(docs, cfg, 2, SPECIAL, seed=3)
-    second.load_state_dict(first.state_dict())
-    tail = list(itertools.islice(second, 23))
-    for a, b in zip(straight, head + tail, strict=True):
-        assert (a.input_ids == b.input_ids).all() and (a.labels == b.labels).all()
-        assert (a.positions == b.positions).all()  # type: ignore[operator]
-    assert second.state.epoch >= 1  # 40 batches of 32 tokens cross an epoch boundary
+
+    def make() -> PackedLoader:
+        return PackedLoader(docs, cfg, 2, SPECIAL, seed=3)
+
+    straight = list(itertools.islice(make(), 40))
+    for cut in (1, 17, 39):
+        _same(straight, _resumed(make, cut, 40 - cut))
+    loader = make()
+    list(itertools.islice(loader, 40))
+    assert len(loader.consumed_tokens()["all"]) >= 2  # 40 batches of 32 tokens cross an epoch
+
+
+def test_resume_exactly_at_every_epoch_boundary(two_sources: list[MixtureSource]) -> None:
+    """Cut the run at every batch around each source's epoch boundary (litgpt #1712)."""
+
+    def make() -> PackedLoader:
+        return PackedLoader(two_sources, PackingConfig(seq_len=16), 2, SPECIAL, seed=5)
+
+    straight = list(itertools.islice(make(), 200))
+    epochs_at = []
+    probe = make()
+    for _ in itertools.islice(probe, 200):
+        epochs_at.append(tuple(len(c) for c in probe.consumed_tokens().values()))
+    changes = [i for i in range(1, 200) if epochs_at[i] != epochs_at[i - 1]]
+    assert len(changes) >= 3
+    for cut in {c + d for c in changes for d in (0, 1)}:
+        _same(straight, _resumed(make, cut, 200 - cut))
 
 
 def test_epochs_reshuffle_documents(docs: DocumentSet) -> None:
-    loader = PackedLoader(docs, PackingConfig(seq_len=8), 1, SPECIAL, seed=0)
-    assert [int(i) for i in loader._order_for(0)] != [int(i) for i in loader._order_for(1)]
+    stream = DocumentStream([MixtureSource("a", docs)], seed=0)
+    assert stream._order(0, 0).tolist() != stream._order(0, 1).tolist()
+    assert sorted(stream._order(0, 1).tolist()) == list(range(docs.num_docs))
 
 
 def test_ranks_split_the_global_rows(docs: DocumentSet) -> None:
@@ -97,3 +145,105 @@ def test_ranks_split_the_global_rows(docs: DocumentSet) -> None:
     ranks = [next(iter(PackedLoader(docs, cfg, 2, SPECIAL, rank=r, world_size=2))) for r in (0, 1)]
     assert (ranks[0].input_ids == whole.input_ids[0::2]).all()
     assert (ranks[1].input_ids == whole.input_ids[1::2]).all()
+
+
+def test_ranks_cover_a_finite_stream_disjointly_and_completely(docs: DocumentSet) -> None:
+    sources = [MixtureSource("a", docs, max_epochs=2)]
+    cfg = PackingConfig(seq_len=16)
+    whole = torch.cat([b.input_ids for b in PackedLoader(sources, cfg, 3, SPECIAL)])
+    parts = [
+        torch.cat(
+            [b.input_ids for b in PackedLoader(sources, cfg, 3, SPECIAL, rank=r, world_size=3)]
+        )
+        for r in range(3)
+    ]
+    assert sum(len(p) for p in parts) == len(whole)
+    for r in range(3):
+        assert (parts[r] == whole[r::3]).all()
+
+
+@pytest.fixture
+def two_sources(tmp_path: Path) -> list[MixtureSource]:
+    """A source of short documents (tokens 10..49) and one of long ones (tokens 50..99)."""
+    rng = np.random.default_rng(1)
+    sets = []
+    for name, lo, hi, n_docs, lengths in (
+        ("short", 10, 50, 40, (3, 30)),
+        ("long", 50, 100, 9, (40, 120)),
+    ):
+        docs = [rng.integers(lo, hi, size=rng.integers(*lengths)) for _ in range(n_docs)]
+        path = tmp_path / f"{name}.bin"
+        write_shard(path, docs, [len(d) for d in docs], vocab_size=100, tokenizer_sha256="0" * 64)
+        sets.append(MixtureSource(name, DocumentSet([path]), weight=1.0))
+    return sets
+
+
+def _source_of_targets(batches: list[PackedBatch]) -> tuple[int, int]:
+    """Input tokens of (short, long) documents, BOS/EOS included, told apart by their content
+    ids; a segment is a run of positions from 0 (a document piece)."""
+    counts = [0, 0]
+    for b in batches:
+        assert b.positions is not None
+        for ids, pos in zip(b.input_ids.tolist(), b.positions.tolist(), strict=True):
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            for a, z in itertools.pairwise(starts):
+                content = [t for t in ids[a:z] if t >= 10]
+                if content:
+                    counts[content[0] >= 50] += z - a
+    return counts[0], counts[1]
+
+
+def test_realised_token_shares_match_the_weights(two_sources: list[MixtureSource]) -> None:
+    sources = [replace(two_sources[0], weight=0.3), replace(two_sources[1], weight=0.7)]
+    loader = PackedLoader(sources, PackingConfig(seq_len=64), 8, SPECIAL, seed=2)
+    batches = list(itertools.islice(loader, 60))  # ~30K tokens, many epochs of both sources
+    short, long = _source_of_targets(batches)
+    assert abs(short / (short + long) - 0.3) < 0.01
+    consumed = {k: sum(v) for k, v in loader.consumed_tokens().items()}
+    assert sum(consumed.values()) == 60 * 8 * 64
+    assert abs(consumed["short"] / sum(consumed.values()) - 0.3) < 0.01
+    assert len(loader.consumed_tokens()["long"]) > 3  # the small long source was repeated
+
+
+def test_max_epochs_shows_every_document_exactly_that_often(
+    two_sources: list[MixtureSource],
+) -> None:
+    sources = [replace(two_sources[0], max_epochs=2.0), replace(two_sources[1], max_epochs=0.5)]
+    stream = DocumentStream(sources, seed=4, overhead=2)
+    seen: Counter[tuple[int, int]] = Counter()
+    state = StreamState.start(2)
+    while (drawn := stream.draw(state)) is not None:
+        d, _, state = drawn
+        seen[(d.source, d.index)] += 1
+    assert all(seen[(0, i)] == 2 for i in range(40))
+    assert sum(1 for s, _ in seen if s == 1) == 4 or sum(1 for s, _ in seen if s == 1) == 5
+    assert all(v == 1 for (s, _), v in seen.items() if s == 1)
+    # the loader ends with the stream, having placed every drawn token in a row
+    loader = PackedLoader(sources, PackingConfig(seq_len=16), 4, SPECIAL, seed=4)
+    batches = list(loader)
+    expected = sum(
+        (len(sources[s].docs.document(i)) + 1) * n for (s, i), n in seen.items()
+    )  # each document and its EOS are targets; BOS never is
+    assert sum(b.num_targets for b in batches) == expected
+    assert [len(v) for v in loader.consumed_tokens().values()] == [2, 1]
+
+
+def test_mixture_stage_switches_the_shares(two_sources: list[MixtureSource]) -> None:
+    stages = [MixtureStage(from_tokens=10_000, weights={"short": 0.0})]
+    loader = PackedLoader(two_sources, PackingConfig(seq_len=64), 8, SPECIAL, stages=stages)
+    before = list(itertools.islice(loader, 19))  # 9,728 tokens
+    after = list(itertools.islice(loader, 20))[2:]  # skip the rows of documents drawn earlier
+    assert min(_source_of_targets(before)) > 3000
+    assert _source_of_targets(after)[0] == 0
+    assert mixture_for(
+        5, {"a": 1.0, "b": 2.0}, stages=[MixtureStage(from_tokens=5, weights={"a": 3.0})]
+    ) == {"a": 3.0, "b": 2.0}
+
+
+def test_state_for_other_sources_is_refused(
+    two_sources: list[MixtureSource], docs: DocumentSet
+) -> None:
+    a = PackedLoader(two_sources, PackingConfig(seq_len=8), 1, SPECIAL)
+    b = PackedLoader(docs, PackingConfig(seq_len=8), 1, SPECIAL)
+    with pytest.raises(ValueError, match=r"loader state is for sources \['short', 'long'\]"):
+        b.load_state_dict(a.state_dict())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,14 +100,70 @@ def test_missing_path_is_an_error(tmp_path: Path) -> None:
         _read(tmp_path / "nope*.jsonl")
 
 
-def test_hf_source_without_datasets_says_how_to_install() -> None:
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="pip install datasets"):
-            _read("hf:some/dataset:train")
-    else:
-        pytest.skip("datasets is installed")
+def test_hf_source_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
+    with pytest.raises(DataError, match="pip install datasets"):
+        _read("hf:some/dataset:train")
+
+
+def test_hf_source_reads_local_files_through_load_dataset(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "a.jsonl", ["first", "second 中文"])
+    assert _read(f"hf:{tmp_path / 'a.jsonl'}") == ["first", "second 中文"]
+    assert _read(f"hf:{tmp_path / 'a.jsonl'}:train") == ["first", "second 中文"]
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"b.jsonl:2: missing text field 'text'"):
+        _read(f"hf:{tmp_path / 'b.jsonl'}")
+
+
+def test_zstd_and_parquet_files(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in ["z1", "z2 中文"]).encode()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.table({"text": ["p1", "p2"], "id": [1, 2]}), tmp_path / "b.parquet")
+    assert _read(tmp_path) == ["z1", "z2 中文", "p1", "p2"]
+    with pytest.raises(DataError, match=r"b.parquet: missing text column 'body'"):
+        _read(tmp_path / "b.parquet", text_field="body")
+    (tmp_path / "c.jsonl.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(DataError, match=r"c.jsonl.zst: corrupt zstd file"):
+        _read(tmp_path / "c.jsonl.zst")
+
+
+def test_enormous_document_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "a.jsonl", ["small", "x" * 5000, "small again"])
+    source = SourceConfig(name="t", path=str(path), max_document_bytes=1000)
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 5,0")):
+        list(read_documents(source))
+
+
+def test_on_error_skip_hands_over_each_bad_item_and_keeps_the_good_ones(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_bytes(
+        b'{"text": "good 1"}\n{"text": "broken\n{"text": "caf\xe9"}\n'
+        b'{"other": 1}\n["not an object"]\n{"text": "good 2"}\n'
+    )
+    (tmp_path / "b.txt").write_bytes(b"bad \xff utf-8 in a whole-file document")
+    (tmp_path / "c.jsonl").write_text("")
+    with gzip.open(tmp_path / "d.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "gz good"}\n')
+    cut = gzip.compress(json.dumps({"text": os.urandom(10_000).hex()}).encode())
+    (tmp_path / "e.jsonl.gz").write_bytes(cut[: len(cut) // 2])
+    (tmp_path / "f.jsonl").write_text(json.dumps({"text": "y" * 3000}) + "\n")
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=str(tmp_path), max_document_bytes=2000)
+    assert list(read_documents(source, on_error=errors.append)) == ["good 1", "good 2", "gz good"]
+    where = [str(e).split(": ")[0].removeprefix(str(tmp_path) + "/") for e in errors]
+    assert where == [
+        "a.jsonl:2",
+        "a.jsonl:3",
+        "a.jsonl:4",
+        "a.jsonl:5",
+        "b.txt:1",
+        "c.jsonl",
+        "e.jsonl.gz",
+        "f.jsonl:1",
+    ]
 
 
 def test_unknown_builtin_lists_valid_names() -> None:

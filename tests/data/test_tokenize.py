@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from collections import Counter
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data import tokenize
+from lmforge.data.clean import CleanConfig
+from lmforge.data.dedup import DedupConfig
 from lmforge.data.shards import list_shards, open_shard
 from lmforge.data.sources import DataError, SourceConfig
 from lmforge.data.tokenize import DataConfig, iter_corpus, split_of, tokenize_corpus
@@ -150,6 +154,153 @@ def test_one_document_corpus_is_refused_before_training(
 ) -> None:
     (tmp_path / "book.txt").write_text("a whole book in one file " * 100)
     cfg = DataConfig(sources=(SourceConfig(name="book", path=str(tmp_path / "book.txt")),))
-    with pytest.raises(DataError, match=r"1 document\(s\), too few .* one document per line"):
+    with pytest.raises(DataError, match=r"1 document\(s\) after cleaning.* one document per line"):
         tokenize_corpus(cfg, tokenizer, tmp_path / "shards")
     assert not (tmp_path / "shards").exists()
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def test_worker_processes_write_the_same_shards(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    sources = _sources(tmp_path)
+    one = tokenize_corpus(
+        DataConfig(sources=sources, workers=1, batch_docs=4), tokenizer, tmp_path / "one"
+    )
+    two = tokenize_corpus(
+        DataConfig(sources=sources, workers=2, batch_docs=4), tokenizer, tmp_path / "two"
+    )
+    assert one == two
+    assert _shard_bytes(tmp_path / "one") == _shard_bytes(tmp_path / "two")
+
+
+def test_cleaning_and_dedup_drops_are_counted_per_source(
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
+    docs = ["a fine document about cats", "tiny", "a fine document about cats", "ok " * 20]
+    docs += ["另一个中文文档，完全不同。" * 3]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")  # across sources
+    cfg = DataConfig(
+        sources=(
+            SourceConfig(name="a", path=str(tmp_path / "a.jsonl")),
+            SourceConfig(name="b", path=str(tmp_path / "b.jsonl")),
+        ),
+        clean=CleanConfig(min_chars=10, languages=("en",)),
+        heldout_fraction=0.5,
+    )
+    manifest = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
+    a, b = manifest["sources"]["a"], manifest["sources"]["b"]
+    assert a["dropped"] == {"exact_duplicate": 1, "language": 1, "too_short": 1}
+    assert a["read"] == 5 and a["train"]["docs"] + a["val"]["docs"] == 2
+    assert b["dropped"] == {"exact_duplicate": 1} and b["train"]["docs"] + b["val"]["docs"] == 0
+
+
+def test_near_duplicates_are_dropped_when_asked(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    base = " ".join(f"word{i} of a long and fairly distinctive sentence" for i in range(60))
+    near = base.replace("word7 ", "wordseven ").replace("word30 ", "word-thirty ")
+    other = " ".join(f"token{i} in quite another text altogether" for i in range(60))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in [base, near, other])
+    )
+    source = SourceConfig(name="a", path=str(tmp_path / "a.jsonl"))
+    cfg = DataConfig(sources=(source,), dedup=DedupConfig(near=True), heldout_fraction=0.5)
+    manifest = tokenize_corpus(cfg, tokenizer, tmp_path / "near")
+    assert manifest["sources"]["a"]["dropped"] == {"near_duplicate": 1}
+    exact_only = tokenize_corpus(
+        dataclasses.replace(cfg, dedup=DedupConfig()), tokenizer, tmp_path / "exact"
+    )
+    assert exact_only["sources"]["a"]["dropped"] == {}
+
+
+def test_on_error_skip_writes_rejects_and_keeps_good_documents(
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
+    good = [f"good document {i}" for i in range(6)]
+    lines = [json.dumps({"text": t}) for t in good[:3]] + ['{"text": "cut']
+    lines += [json.dumps({"body": "no text"})] + [json.dumps({"text": t}) for t in good[3:]]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    source = SourceConfig(name="a", path=str(tmp_path / "a.jsonl"))
+    cfg = DataConfig(sources=(source,), heldout_fraction=0.5)
+    with pytest.raises(DataError, match=r"a.jsonl:4: malformed JSON"):
+        tokenize_corpus(cfg, tokenizer, tmp_path / "strict")
+    manifest = tokenize_corpus(
+        dataclasses.replace(cfg, on_error="skip"), tokenizer, tmp_path / "out"
+    )
+    assert manifest["sources"]["a"]["dropped"] == {"bad_input": 2}
+    assert Counter(
+        _decoded(tmp_path / "out", "train", tokenizer)
+        + _decoded(tmp_path / "out", "val", tokenizer)
+    ) == Counter(good)
+    rejects = [json.loads(r) for r in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["error"].split(": ")[0] for r in rejects] == [
+        f"{tmp_path}/a.jsonl:4",
+        f"{tmp_path}/a.jsonl:5",
+    ]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_continues_after_its_finished_shards(
+    tmp_path: Path, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=300, batch_docs=3, workers=1)
+    straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
+
+    processed: list[int] = []
+    real_process = tokenize._process
+
+    def counting(batch: list[str]) -> list:
+        processed.append(len(batch))
+        if sum(processed) > 65:
+            raise _Interrupt  # e.g. a kill, in the middle of the chinese source
+        return real_process(batch)
+
+    monkeypatch.setattr(tokenize, "_process", counting)
+    with pytest.raises(_Interrupt):
+        tokenize_corpus(cfg, tokenizer, tmp_path / "out")
+    partial = tmp_path / "out.partial"
+    progress = json.loads((partial / "progress.json").read_text())
+    assert progress["read"]["english"] == len(ENGLISH) and 0 < progress["read"]["chinese"] < 25
+    assert not (tmp_path / "out").exists()
+
+    processed.clear()
+    monkeypatch.setattr(tokenize, "_process", lambda b: processed.append(len(b)) or real_process(b))
+    resumed = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
+    assert resumed == straight
+    assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "straight")
+    done = progress["read"]["english"] + progress["read"]["chinese"]
+    assert sum(processed) == len(ENGLISH + CHINESE + CODE) - done  # finished work not redone
+    assert not partial.exists()
+
+
+def test_damaged_or_stale_restart_point_starts_over(
+    tmp_path: Path, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=300, batch_docs=3, workers=1)
+    straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
+    real_process = tokenize._process
+
+    def interrupt_late(batch: list[str]) -> list:
+        if any("def f5" in t for t in batch):
+            raise _Interrupt
+        return real_process(batch)
+
+    for damage in ("shard", "config"):
+        monkeypatch.setattr(tokenize, "_process", interrupt_late)
+        with pytest.raises(_Interrupt):
+            tokenize_corpus(cfg, tokenizer, tmp_path / damage)
+        partial = tmp_path / f"{damage}.partial"
+        monkeypatch.setattr(tokenize, "_process", real_process)
+        if damage == "shard":
+            victim = sorted(partial.glob("train_english_*.bin"))[0]
+            victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+            assert tokenize_corpus(cfg, tokenizer, tmp_path / damage) == straight
+        else:
+            other = dataclasses.replace(cfg, heldout_fraction=0.5)
+            manifest = tokenize_corpus(other, tokenizer, tmp_path / damage)
+            assert manifest["heldout_fraction"] == 0.5
+            assert manifest == tokenize_corpus(other, tokenizer, tmp_path / "fresh")

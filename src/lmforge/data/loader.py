@@ -1,21 +1,33 @@
-"""Resumable iterator of packed batches over the documents of a set of token shards.
+"""Resumable iterator of packed batches over token shards, from one source or a mixture.
 
-The loader walks documents in a seeded per-epoch permutation and cuts the stream of wrapped
-documents into rows. Its whole state is (epoch, document, offset, rows): saved with a checkpoint,
-it makes the resumed run see exactly the batches the uninterrupted run would have seen. The row
-order is global, so every rank holds the same state; rank r keeps rows r, r + world, ...
+The mixture (mixture.py) decides which document comes next; the loader cuts the stream of
+wrapped documents into rows. Its whole state (the draw state, the document being cut, the
+offset in it, rows so far) saved with a checkpoint makes the resumed run see exactly the batches
+the uninterrupted run would have seen, across epoch boundaries too. The row order is global, so
+every rank holds the same state and rank r keeps rows r, r + world, ...: a state saved at one
+world size resumes at another.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from lmforge.data.mixture import (
+    Documents,
+    DocumentStream,
+    Draw,
+    MixtureSource,
+    MixtureStage,
+    StreamState,
+)
 from lmforge.data.packing import PackedBatch, PackingConfig, collate, pack_row, wrap_document
 from lmforge.data.shards import Shard, ShardError, open_shard
+from lmforge.data.tokenize import read_manifest
 
 
 class DocumentSet:
@@ -56,43 +68,49 @@ class DocumentSet:
         return sum(int(s.doc_bytes.sum()) for s in self.shards)
 
 
-class DocumentRange:
-    """Documents [start, stop) of a DocumentSet, e.g. one source's part of the val split."""
-
-    def __init__(self, docs: DocumentSet, start: int, stop: int) -> None:
-        if not 0 <= start <= stop <= docs.num_docs:
-            raise ValueError(f"document range [{start}, {stop}) outside [0, {docs.num_docs})")
-        self.docs, self.start, self.num_docs = docs, start, stop - start
-
-    def document(self, index: int) -> np.ndarray:
-        return self.docs.document(self.start + index)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(self.document(i)) for i in range(self.num_docs))
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(self.docs.document_bytes(self.start + i) for i in range(self.num_docs))
+def split_sources(shards_dir: Path, split: str, tokenizer_sha256: str) -> dict[str, DocumentSet]:
+    """Each source's documents of one split, in the manifest's source order (sources with no
+    documents in the split are left out)."""
+    manifest = read_manifest(shards_dir)
+    return {
+        name: DocumentSet([shards_dir / f for f in counts[split]["shards"]], tokenizer_sha256)
+        for name, counts in manifest["sources"].items()
+        if counts[split]["shards"]
+    }
 
 
-@dataclass
+def whole_split(shards_dir: Path, split: str, tokenizer_sha256: str) -> DocumentSet:
+    """All documents of one split, source after source."""
+    names = read_manifest(shards_dir)["splits"][split]["shards"]
+    if not names:
+        raise ShardError(f"{shards_dir}: no {split} shards; re-run 'lmforge tokenize'")
+    return DocumentSet([shards_dir / f for f in names], tokenizer_sha256)
+
+
+@dataclass(frozen=True)
 class LoaderState:
-    epoch: int = 0
-    doc: int = 0
-    """Index into this epoch's document order."""
+    stream: StreamState
+    """Which documents have been drawn from which source."""
+    head: Draw | None = None
+    """The document being cut into rows; None between documents."""
     offset: int = 0
-    """Tokens of the current wrapped document already consumed."""
+    """Tokens of the head's wrapped document already in rows."""
     rows: int = 0
     """Global rows produced so far."""
+    consumed: tuple[tuple[int, ...], ...] = ()
+    """Per source, per epoch: tokens placed in rows (BOS and EOS included)."""
 
 
 class PackedLoader:
-    """Batches of `batch_size` rows for this rank, forever (shuffle) or one pass (no shuffle)."""
+    """Batches of `batch_size` rows for this rank from one document set or a mixture of sources.
+
+    Shuffled loaders draw forever unless every source has `max_epochs`; an unshuffled loader
+    makes one pass over each source, in order (evaluation).
+    """
 
     def __init__(
         self,
-        docs: DocumentSet | DocumentRange,
+        docs: Documents | Sequence[MixtureSource],
         packing: PackingConfig,
         batch_size: int,
         special_ids: tuple[int, int, int],
@@ -100,77 +118,102 @@ class PackedLoader:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        stages: Sequence[MixtureStage] = (),
     ) -> None:
-        if docs.num_docs == 0:
-            raise ValueError("no documents to load")
-        self.docs, self.packing, self.batch_size = docs, packing, batch_size
+        sources = list(docs) if isinstance(docs, Sequence) else [MixtureSource("all", docs)]
+        if not shuffle:
+            sources = [replace(s, max_epochs=s.max_epochs or 1.0) for s in sources]
+        self.stream = DocumentStream(sources, seed, shuffle, stages, overhead=2)
+        self.names = [s.name for s in sources]
+        self.packing, self.batch_size = packing, batch_size
         self.bos_id, self.eos_id, self.pad_id = special_ids
-        self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.state = LoaderState()
-        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+        self.state = LoaderState(StreamState.start(len(sources)), consumed=((),) * len(sources))
 
-    def state_dict(self) -> dict[str, int]:
-        return asdict(self.state)
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON data; the same on every rank (the row order is global)."""
+        st = self.state
+        return {
+            "rows": st.rows,
+            "head": None if st.head is None else [st.head.source, st.head.epoch, st.head.index],
+            "offset": st.offset,
+            "stream": asdict(st.stream),
+            "consumed": {name: list(c) for name, c in zip(self.names, st.consumed, strict=True)},
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = LoaderState(**state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = list(state["consumed"])
+        if names != self.names:
+            raise ValueError(
+                f"loader state is for sources {names}, this run reads {self.names}; "
+                "resume with the data config the run started with"
+            )
+        stream: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in state["stream"].items()
+        }
+        head = state["head"]
+        self.state = LoaderState(
+            stream=StreamState(**stream),
+            head=None if head is None else Draw(*head),
+            offset=state["offset"],
+            rows=state["rows"],
+            consumed=tuple(tuple(state["consumed"][n]) for n in names),
+        )
+
+    def consumed_tokens(self) -> dict[str, list[int]]:
+        """Tokens each source has put in rows so far, per epoch: the realised mixture."""
+        return {name: list(c) for name, c in zip(self.names, self.state.consumed, strict=True)}
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:
             rows = []
             for _ in range(self.batch_size * self.world_size):
-                if self.exhausted:
-                    break
                 row = self._next_row()
+                if row is None:
+                    break
                 if self.state.rows % self.world_size == self.rank:
                     rows.append(row)
-                self.state.rows += 1
+                self.state = replace(self.state, rows=self.state.rows + 1)
             if not rows:
                 return
             yield collate(rows, self.packing.document_masking)
 
-    @property
-    def exhausted(self) -> bool:
-        return not self.shuffle and self.state.epoch > 0
-
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            n = self.docs.num_docs
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
-        return self._order
-
-    def _wrapped(self, epoch: int, doc: int) -> np.ndarray:
-        index = int(self._order_for(epoch)[doc])
-        return wrap_document(self.docs.document(index), self.bos_id, self.eos_id)
-
-    def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Read T+1 tokens at the cursor, then move it T on (the last token is only a label)."""
         T = self.packing.seq_len
-        pieces, ends, _ = self._read(T + 1)
-        _, _, cursor = self._read(T)
-        self.state.epoch, self.state.doc, self.state.offset = cursor
+        pieces, ends, _, _ = self._read(T + 1, self.state)
+        if not pieces:
+            return None
+        _, _, owners, self.state = self._read(T, self.state)
+        consumed = [list(c) for c in self.state.consumed]
+        for d, n in owners:
+            per_epoch = consumed[d.source]
+            per_epoch.extend([0] * (d.epoch + 1 - len(per_epoch)))
+            per_epoch[d.epoch] += n
+        self.state = replace(self.state, consumed=tuple(tuple(c) for c in consumed))
         return pack_row(pieces, ends, T, self.pad_id)
 
-    def _read(self, n: int) -> tuple[list[np.ndarray], list[bool], tuple[int, int, int]]:
-        """Up to n tokens from the cursor as pieces of wrapped documents, and the cursor after."""
-        epoch, doc, offset = self.state.epoch, self.state.doc, self.state.offset
-        pieces, ends = [], []
-        while n > 0 and (self.shuffle or epoch == 0):
-            wrapped = self._wrapped(epoch, doc)
+    def _read(
+        self, n: int, state: LoaderState
+    ) -> tuple[list[np.ndarray], list[bool], list[tuple[Draw, int]], LoaderState]:
+        """Up to n tokens at the cursor as pieces of wrapped documents (with the document each
+        piece came from) and the state after them; the state passed in is not changed."""
+        stream, head, offset = state.stream, state.head, state.offset
+        pieces, ends, owners = [], [], []
+        while n > 0:
+            if head is None:
+                drawn = self.stream.draw(stream)
+                if drawn is None:
+                    break
+                head, _, stream = drawn
+                offset = 0
+            wrapped = wrap_document(self.stream.document(head), self.bos_id, self.eos_id)
             piece = wrapped[offset : offset + n]
             pieces.append(piece)
+            owners.append((head, len(piece)))
             n -= len(piece)
             offset += len(piece)
             ends.append(offset == len(wrapped))
             if ends[-1]:
-                epoch, doc, offset = self._next_doc(epoch, doc)
-        return pieces, ends, (epoch, doc, offset)
-
-    def _next_doc(self, epoch: int, doc: int) -> tuple[int, int, int]:
-        doc += 1
-        if doc == self.docs.num_docs:
-            return epoch + 1, 0, 0
-        return epoch, doc, 0
+                head, offset = None, 0
+        return pieces, ends, owners, replace(state, stream=stream, head=head, offset=offset)

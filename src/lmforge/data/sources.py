@@ -1,22 +1,26 @@
-"""Read raw documents (txt, jsonl, jsonl.gz, built-in corpora, HF datasets) as a stream of str.
+"""Read raw documents (txt, jsonl[.gz|.zst], parquet, built-ins, HF datasets) as a stream of str.
 
-Nothing here loads a whole corpus; every problem is a DataError naming the file and line.
+Nothing here loads a whole corpus; every problem is a DataError naming the file and line. By
+default the first one stops the read; an `on_error` handler can instead record it and go on.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import importlib
+import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".jsonl.gz", ".jsonl", ".txt")
+SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
 _GLOB_CHARS = ("*", "?", "[")
 
 
@@ -34,17 +38,37 @@ class SourceConfig:
     """A file, directory (recursive, sorted), glob, `builtin:<name>` or `hf:<dataset>[:split]`."""
     text_field: str = "text"
     """Key holding the document text in each JSONL object or dataset row."""
-    weight: float = 1.0
-    """Relative sampling weight of this source when mixing sources."""
+    weight: float | None = None
+    """Target share of pretraining tokens, relative to the other sources' weights; None (for
+    every source) keeps each source's natural share, its token count."""
     max_bytes: int | None = None
     """Stop after roughly this many UTF-8 bytes of documents from this source; None reads all."""
+    max_epochs: float | None = None
+    """Pretraining reads this source at most this many times (2.0: every document exactly twice,
+    0.5: half of them once); None repeats it as often as its weight asks."""
+    max_document_bytes: int = 32 * 2**20
+    """A larger document is bad input (an unsplit dump, a binary file): an error, or a reject."""
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and self.weight < 0:
+            raise DataError(f"source {self.name!r}: weight must be >= 0, got {self.weight}")
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise DataError(f"source {self.name!r}: max_epochs must be > 0, got {self.max_epochs}")
 
 
-def read_documents(source: SourceConfig) -> Iterator[str]:
-    """Stream the non-empty documents of `source`, stopping once `max_bytes` is reached."""
+ErrorHandler = Callable[[DataError], None]
+"""Receives each bad input (its message names file:line) instead of it being raised."""
+
+
+def read_documents(source: SourceConfig, on_error: ErrorHandler | None = None) -> Iterator[str]:
+    """Stream the non-empty documents of `source`, stopping once `max_bytes` is reached.
+
+    Without `on_error` the first bad line or file raises; with it, the bad item is handed over
+    and reading goes on with the next line (or the next file, when the file itself is bad).
+    """
     seen_bytes = 0
     num_docs = 0
-    for text in _raw_documents(source):
+    for text in _raw_documents(source, on_error):
         if not text:
             continue
         yield text
@@ -57,15 +81,22 @@ def read_documents(source: SourceConfig) -> Iterator[str]:
     log.debug("source %s: %d docs, %d bytes", source.name, num_docs, seen_bytes)
 
 
-def _raw_documents(source: SourceConfig) -> Iterator[str]:
+def _raw_documents(source: SourceConfig, on_error: ErrorHandler | None) -> Iterator[str]:
     """Dispatch on the kind of path: built-in corpus, HF dataset, or local files."""
     if source.path.startswith("builtin:"):
         from lmforge.data.corpus import iter_builtin  # corpus imports DataError from here
 
         return iter_builtin(source.path.removeprefix("builtin:"))
     if source.path.startswith("hf:"):
-        return _read_hf(source.path.removeprefix("hf:"), source.text_field)
-    return _read_files(resolve_files(source.path), source.text_field)
+        return _read_hf(source.path.removeprefix("hf:"), source, _raiser(on_error))
+    return _read_files(resolve_files(source.path), source, _raiser(on_error))
+
+
+def _raiser(on_error: ErrorHandler | None) -> ErrorHandler:
+    def raise_it(error: DataError) -> None:
+        raise error
+
+    return on_error or raise_it
 
 
 def resolve_files(path: str) -> list[Path]:
@@ -91,42 +122,112 @@ def _suffix(path: Path) -> str | None:
     return next((s for s in SUFFIXES if path.name.endswith(s)), None)
 
 
-def _read_files(files: Iterable[Path], text_field: str) -> Iterator[str]:
+def _read_files(files: Iterable[Path], source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
     for path in files:
-        num_docs = 0
-        for text in _read_file(path, text_field):
-            if text:
-                num_docs += 1
-                yield text
-        if num_docs == 0:
-            raise DataError(f"{path}: no documents")
+        num_docs, num_bad = 0, 0
+
+        def bad_line(error: DataError) -> None:
+            nonlocal num_bad
+            num_bad += 1
+            bad(error)
+
+        try:
+            for text in _read_file(path, source, bad_line):
+                if text:
+                    num_docs += 1
+                    yield text
+            if num_docs == 0 and num_bad == 0:
+                raise DataError(f"{path}: no documents (empty file)")
+        except DataError as e:  # the file as a whole is bad: skip the rest of it
+            bad(e)
 
 
-def _read_file(path: Path, text_field: str) -> Iterator[str]:
+def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
     suffix = _suffix(path)
     if suffix == ".txt":
+        _check_size(path.stat().st_size, source, f"{path}:1")
         yield _decode(path.read_bytes(), path, line=1, line_offset=0)
     elif suffix == ".jsonl":
         with open(path, "rb") as f:
-            yield from _read_jsonl(f, path, text_field)
+            yield from _read_jsonl(f, path, source, bad)
     elif suffix == ".jsonl.gz":
         try:
             with gzip.open(path, "rb") as f:
-                yield from _read_jsonl(f, path, text_field)
-        except (gzip.BadGzipFile, EOFError) as e:
-            raise DataError(f"{path}: corrupt gzip file ({e}); re-compress it") from e
+                yield from _read_jsonl(f, path, source, bad)  # type: ignore[arg-type]
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt gzip file ({e}); re-compress it") from None
+    elif suffix == ".jsonl.zst":
+        zstandard = _optional("zstandard", path)
+        try:
+            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
+                yield from _read_jsonl(io.BufferedReader(z), path, source, bad)
+        except zstandard.ZstdError as e:
+            raise DataError(f"{path}: corrupt zstd file ({e}); re-compress it") from None
+    elif suffix == ".parquet":
+        yield from _read_parquet(path, source, bad)
     else:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
 
-def _read_jsonl(f: BinaryIO | gzip.GzipFile, path: Path, text_field: str) -> Iterator[str]:
-    """One JSON object per line; blank lines are skipped."""
+def _optional(module: str, path: Path) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(
+            f"{path}: reading this format needs the {module!r} package; run "
+            f"`pip install {module}` (or `pip install lmforge[data]`)"
+        ) from None
+
+
+def _check_size(num_bytes: int, source: SourceConfig, where: str) -> None:
+    if num_bytes > source.max_document_bytes:
+        raise DataError(
+            f"{where}: document of {num_bytes:,} bytes exceeds max_document_bytes "
+            f"({source.max_document_bytes:,}) of source {source.name!r}; split it into documents"
+            " or raise the limit"
+        )
+
+
+def _read_jsonl(f: IO[bytes], path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
+    """One JSON object per line; blank lines are skipped; a bad line goes to `bad`."""
     offset = 0
     for lineno, raw in enumerate(f, start=1):
-        line = _decode(raw, path, lineno, offset)
+        try:
+            _check_size(len(raw), source, f"{path}:{lineno}")
+            line = _decode(raw, path, lineno, offset)
+            if line.strip():
+                yield _text_of(json_loads(line, path, lineno), path, lineno, source.text_field)
+        except DataError as e:
+            bad(e)
         offset += len(raw)
-        if line.strip():
-            yield _text_of(line, path, lineno, text_field)
+
+
+def _read_parquet(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
+    """Rows of the text column, a record batch at a time (row numbers from 1 stand for lines)."""
+    pq = _optional("pyarrow.parquet", path)
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for non-parquet bytes
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    names = table.schema_arrow.names
+    if source.text_field not in names:
+        raise DataError(
+            f"{path}: missing text column {source.text_field!r} (columns: {', '.join(names[:10])})"
+            "; set text_field in the source config"
+        )
+    row = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[source.text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            try:
+                _check_size(
+                    len(text.encode("utf-8")) if isinstance(text, str) else 0,
+                    source,
+                    f"{path}:{row}",
+                )
+                yield _text_of({source.text_field: text}, path, row, source.text_field)
+            except DataError as e:
+                bad(e)
 
 
 def _decode(raw: bytes, path: Path, line: int, line_offset: int) -> str:
@@ -142,17 +243,20 @@ def _decode(raw: bytes, path: Path, line: int, line_offset: int) -> str:
         ) from None
 
 
-def _text_of(line: str, path: Path, lineno: int, text_field: str) -> str:
+def json_loads(line: str, path: Path | str, lineno: int) -> Any:
     try:
-        obj: Any = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
             "; each line must hold exactly one JSON object"
         ) from None
+
+
+def _text_of(obj: Any, path: Path | str, lineno: int, text_field: str) -> str:
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-    if text_field not in obj:
+    if obj.get(text_field) is None:  # datasets fills a column missing from a row with None
         keys = ", ".join(sorted(obj)[:10])
         raise DataError(
             f"{path}:{lineno}: missing text field {text_field!r} (keys: {keys})"
@@ -167,8 +271,12 @@ def _text_of(line: str, path: Path, lineno: int, text_field: str) -> str:
     return text
 
 
-def _read_hf(spec: str, text_field: str) -> Iterator[str]:
-    """`hf:<dataset name or local path>[:split]`, streamed via `datasets.load_dataset`."""
+def _read_hf(spec: str, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
+    """`hf:<dataset name or local path>[:split]`, streamed via `datasets.load_dataset`.
+
+    A local path is a folder of data files or a file (`datasets` picks the builder from the
+    extension); anything else is a hub name, which needs the network.
+    """
     try:
         import datasets  # optional dependency
     except ImportError:
@@ -176,10 +284,37 @@ def _read_hf(spec: str, text_field: str) -> Iterator[str]:
             f"hf:{spec}: the 'datasets' package is not installed; run `pip install datasets`"
             " (or `pip install lmforge[hf]`)"
         ) from None
-    name, _, split = spec.partition(":")
-    rows = datasets.load_dataset(name, split=split or "train", streaming=True)
-    for i, row in enumerate(rows):
-        text = row.get(text_field)
-        if not isinstance(text, str):
-            raise DataError(f"hf:{spec}: row {i}: text field {text_field!r} missing or not a str")
-        yield text
+    name, _, split = spec.rpartition(":") if _has_split(spec) else (spec, "", "")
+    rows = _load_hf(datasets, name, split or "train")
+    for i, row in enumerate(rows, start=1):
+        try:
+            _check_size(len(str(row.get(source.text_field, "")).encode()), source, f"hf:{spec}:{i}")
+            yield _text_of(row, f"hf:{spec}", i, source.text_field)
+        except DataError as e:
+            bad(e)
+
+
+def _has_split(spec: str) -> bool:
+    """`name:split` unless the part after the last colon is a path (Windows drives, URLs)."""
+    head, sep, tail = spec.rpartition(":")
+    return bool(sep and head and tail) and "/" not in tail and "\\" not in tail
+
+
+def _load_hf(datasets: Any, name: str, split: str) -> Any:
+    path = Path(name)
+    if path.is_file():
+        builder = _HF_BUILDERS.get(_suffix(path) or path.suffix)
+        if builder is None:
+            raise DataError(f"hf:{name}: datasets cannot read this file type")
+        return datasets.load_dataset(builder, data_files=str(path), split=split, streaming=True)
+    return datasets.load_dataset(name, split=split, streaming=True)
+
+
+_HF_BUILDERS = {
+    ".jsonl": "json",
+    ".jsonl.gz": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".csv": "csv",
+    ".json": "json",
+}

@@ -1,31 +1,50 @@
-"""Turn sources into train/val token shards plus manifest.json; nothing else writes shards.
+"""Turn sources into cleaned, deduplicated train/val token shards plus manifest.json.
 
-Output is all-or-nothing: it is built in a temp sibling folder that replaces `out_dir` on success.
+Per source: read (sources.py) → clean and filter (clean.py) → drop duplicates (dedup.py) →
+tokenize → split by a hash of the text → `{split}_{source}_{n}.bin` shards. Cleaning, MinHash
+signatures and tokenization run in worker processes on batches of documents; reading, the
+dedup decision and writing stay in this process, in order, so the output does not depend on the
+number of workers. At most `2 × workers` batches are in flight, so memory stays bounded.
+
+The output appears all at once: work happens in `<out>.partial/`, renamed to `<out>` at the end.
+Each time a source's train shard fills, the partial folder records a restart point (shards with
+checksums, counts, dedup state, input position); an interrupted run started again with the same
+config and inputs verifies those shards and continues after them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmforge.data.shards import write_shard
-from lmforge.data.sources import DataError, SourceConfig, read_documents
+from lmforge.data.clean import DROP_REASONS, CleanConfig, clean
+from lmforge.data.dedup import DedupConfig, Deduplicator, Signature, signature
+from lmforge.data.mixture import MixtureStage
+from lmforge.data.shards import ShardError, open_shard, write_shard
+from lmforge.data.sources import DataError, SourceConfig, read_documents, resolve_files
 from lmforge.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+FORMAT_VERSION = 2
 DEFAULT_SOURCES = (
     SourceConfig(name="english", path="builtin:english", max_bytes=500_000),
     SourceConfig(name="chinese", path="builtin:chinese", max_bytes=500_000),
@@ -36,16 +55,27 @@ DEFAULT_SOURCES = (
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Which sources to tokenize and how to split and shard them."""
+    """Which sources to tokenize, how to clean, split and shard them, and how to mix them."""
 
     sources: tuple[SourceConfig, ...] = DEFAULT_SOURCES
     """Raw-text sources, tokenized in this order; names must be unique."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    """Normalization and quality filters, applied to every source."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Exact (and optionally MinHash near-) duplicate removal across all sources."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Bad input (malformed line, invalid UTF-8, missing field, empty file, huge document):
+    stop with an error naming file:line, or skip it, count it and log it in rejects.jsonl."""
     heldout_fraction: float = 0.05
     """Share of documents (chosen by a hash of their text) that go to the val split."""
     shard_tokens: int = 50_000_000
-    """Start a new shard file once this many tokens would be exceeded."""
+    """Start a new shard file once this many tokens would be exceeded (also the restart grain)."""
     batch_docs: int = 256
-    """Documents encoded per parallel `encode_batch` call."""
+    """Documents per unit of parallel work."""
+    workers: int = 0
+    """Worker processes for cleaning and tokenizing; 0 = one per CPU core, 1 = in-process."""
+    mixture_stages: tuple[MixtureStage, ...] = ()
+    """Pretraining mixture changes: new source weights from a stream position on."""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -55,15 +85,41 @@ class DataConfig:
             raise DataError(
                 f"data.heldout_fraction: must be in [0, 1), got {self.heldout_fraction}"
             )
-        if self.shard_tokens <= 0 or self.batch_docs <= 0:
-            raise DataError("data.shard_tokens and data.batch_docs must be positive")
+        if self.shard_tokens <= 0 or self.batch_docs <= 0 or self.workers < 0:
+            raise DataError("data.shard_tokens and data.batch_docs must be > 0, workers >= 0")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise DataError(
+                "data.sources: give every source a weight, or none (natural shares); "
+                f"weights: { {s.name: s.weight for s in self.sources} }"
+            )
+        unknown = {k for s in self.mixture_stages for k in s.weights} - set(names)
+        if unknown:
+            raise DataError(f"data.mixture_stages: unknown sources {sorted(unknown)}; have {names}")
 
 
 def iter_corpus(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """(source name, document text) for every document of every source, in order."""
+    """(source name, document text) for every document of every source, in order (raw)."""
     for source in cfg.sources:
         for text in read_documents(source):
             yield source.name, text
+
+
+def read_manifest(shards_dir: Path) -> dict[str, Any]:
+    """The manifest of a finished tokenize run; ShardError if there is none or it is outdated."""
+    path = Path(shards_dir) / "manifest.json"
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest; run 'lmforge tokenize' first") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: corrupt manifest ({e}); re-run 'lmforge tokenize'") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: written by another lmforge version (format "
+            f"{manifest.get('format_version')}, need {FORMAT_VERSION}); re-run 'lmforge tokenize'"
+        )
+    return manifest
 
 
 def split_of(text: str, heldout_fraction: float) -> str:
@@ -74,103 +130,435 @@ def split_of(text: str, heldout_fraction: float) -> str:
 
 @dataclass
 class _Doc:
-    source: str
-    ids: np.ndarray
+    """A document after the workers: kept (ids set) or dropped (reason set)."""
+
     num_bytes: int
+    split: str
+    reason: str | None
+    sig: Signature | None
+    ids: np.ndarray | None
 
 
 @dataclass
-class _SplitWriter:
-    """Buffers one split's documents and rolls over to a new shard at `shard_tokens`."""
+class _ShardWriter:
+    """Buffers one (source, split)'s documents and writes a shard at `shard_tokens`."""
 
+    source: str
     split: str
     out_dir: Path
     shard_tokens: int
     vocab_size: int
     tokenizer_sha256: str
-    stats: dict[str, dict[str, int]]
-    pending: list[_Doc] = field(default_factory=list)
+    docs: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    shards: list[str] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)
+    pending: list[tuple[np.ndarray, int]] = field(default_factory=list)
     pending_tokens: int = 0
-    files: list[str] = field(default_factory=list)
 
-    @property
-    def num_docs(self) -> int:
-        return sum(s["docs"] for s in self.stats.values()) + len(self.pending)
-
-    def add(self, doc: _Doc) -> None:
-        if self.pending and self.pending_tokens + len(doc.ids) > self.shard_tokens:
+    def add(self, ids: np.ndarray, num_bytes: int) -> bool:
+        """Buffer a document; True when a shard was written to make room for it."""
+        wrote = bool(self.pending) and self.pending_tokens + len(ids) > self.shard_tokens
+        if wrote:
             self.flush()
-        self.pending.append(doc)
-        self.pending_tokens += len(doc.ids)
+        self.pending.append((ids, num_bytes))
+        self.pending_tokens += len(ids)
+        return wrote
 
     def flush(self) -> None:
         if not self.pending:
             return
-        name = f"{self.split}_{len(self.files):05d}.bin"
-        docs, doc_bytes = [d.ids for d in self.pending], [d.num_bytes for d in self.pending]
-        write_shard(self.out_dir / name, docs, doc_bytes, self.vocab_size, self.tokenizer_sha256)
-        for d in self.pending:
-            counts = self.stats[d.source]
-            counts["docs"] += 1
-            counts["tokens"] += len(d.ids)
-            counts["bytes"] += d.num_bytes
-        self.files.append(name)
+        name = f"{self.split}_{self.source}_{len(self.shards):05d}.bin"
+        ids, nbytes = [d for d, _ in self.pending], [b for _, b in self.pending]
+        write_shard(self.out_dir / name, ids, nbytes, self.vocab_size, self.tokenizer_sha256)
+        self.docs += len(ids)
+        self.tokens += self.pending_tokens
+        self.bytes += sum(nbytes)
+        self.shards.append(name)
+        self.checksums[name] = _sha256(self.out_dir / name)
         self.pending, self.pending_tokens = [], 0
+
+    def take_last(self) -> tuple[np.ndarray, int]:
+        """Remove and return the last document, rewriting the last shard if it is written."""
+        if self.pending:
+            ids, num_bytes = self.pending.pop()
+            self.pending_tokens -= len(ids)
+            return ids, num_bytes
+        name = self.shards[-1]
+        shard = open_shard(self.out_dir / name)
+        docs = [np.array(shard.document(i)) for i in range(shard.num_docs)]
+        doc_bytes = [int(b) for b in shard.doc_bytes]
+        del shard
+        ids, num_bytes = docs.pop(), doc_bytes.pop()
+        if docs:
+            write_shard(
+                self.out_dir / name, docs, doc_bytes, self.vocab_size, self.tokenizer_sha256
+            )
+            self.checksums[name] = _sha256(self.out_dir / name)
+        else:
+            (self.out_dir / name).unlink()
+            self.shards.pop()
+            del self.checksums[name]
+        self.docs, self.tokens, self.bytes = (
+            self.docs - 1,
+            self.tokens - len(ids),
+            self.bytes - num_bytes,
+        )
+        return ids, num_bytes
+
+    @property
+    def total_docs(self) -> int:
+        return self.docs + len(self.pending)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "docs": self.docs,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "shards": self.shards,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {**self.summary(), "checksums": self.checksums}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.docs, self.tokens, self.bytes = state["docs"], state["tokens"], state["bytes"]
+        self.shards, self.checksums = list(state["shards"]), dict(state["checksums"])
 
 
 def tokenize_corpus(cfg: DataConfig, tokenizer: TextTokenizer, out_dir: Path) -> dict[str, Any]:
-    """Tokenize every source into `out_dir` (train/val shards + manifest.json); return the manifest.
+    """Tokenize every source into `out_dir` (shards + manifest.json); return the manifest.
 
-    On any error the temp folder is removed and an existing `out_dir` is left untouched.
+    An existing `out_dir` is replaced only on success. After an error or interruption the
+    finished shards stay in `<out_dir>.partial/` for the next run with the same inputs.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a directory; choose another output path")
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    work = out_dir.with_name(f"{out_dir.name}.partial")
+    fingerprint = _fingerprint(cfg, tokenizer)
+    run = _Run(cfg, tokenizer, work, fingerprint)
     try:
-        manifest = _tokenize_into(cfg, tokenizer, tmp)
-        _replace_dir(tmp, out_dir)
+        manifest = run.execute()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if run.restart_points == 0 and not run.resumed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("kept finished shards in %s; run again to continue", work)
         raise
+    _replace_dir(work, out_dir)
     log.info("wrote %s: %s", out_dir, {s: manifest["splits"][s]["tokens"] for s in SPLITS})
     return manifest
 
 
-def _tokenize_into(cfg: DataConfig, tokenizer: TextTokenizer, out_dir: Path) -> dict[str, Any]:
-    writers = {
-        split: _SplitWriter(
-            split=split,
-            out_dir=out_dir,
-            shard_tokens=cfg.shard_tokens,
-            vocab_size=tokenizer.vocab_size,
-            tokenizer_sha256=tokenizer.sha256,
-            stats={s.name: {"docs": 0, "tokens": 0, "bytes": 0} for s in cfg.sources},
+class _Run:
+    """One tokenize run over a work folder: restart points, per-source loop, manifest."""
+
+    def __init__(
+        self, cfg: DataConfig, tokenizer: TextTokenizer, work: Path, fingerprint: str
+    ) -> None:
+        self.cfg, self.tokenizer, self.work, self.fingerprint = cfg, tokenizer, work, fingerprint
+        self.writers = {
+            (s.name, split): _ShardWriter(
+                source=s.name,
+                split=split,
+                out_dir=work,
+                shard_tokens=cfg.shard_tokens,
+                vocab_size=tokenizer.vocab_size,
+                tokenizer_sha256=tokenizer.sha256,
+            )
+            for s in cfg.sources
+            for split in SPLITS
+        }
+        self.dropped: dict[str, dict[str, int]] = {s.name: {} for s in cfg.sources}
+        self.read: dict[str, int] = {s.name: 0 for s in cfg.sources}
+        self.dedup = Deduplicator(cfg.dedup)
+        self.source_index, self.restart_points, self.resumed = 0, 0, False
+        self.rejects_path = work / "rejects.jsonl"
+
+    def execute(self) -> dict[str, Any]:
+        self.resumed = self._restore()
+        if not self.resumed:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work.mkdir(parents=True)
+        sources = self.cfg.sources
+        with _Workers(self.cfg, self.tokenizer) as workers, self._progress_bar() as bar:
+            for i in range(self.source_index, len(sources)):
+                self.source_index = i
+                self._tokenize_source(sources[i], workers, bar)
+                if i + 1 < len(sources):
+                    self._flush_source(sources[i].name)
+                    self.source_index = i + 1
+                    self._save_restart_point()
+        self._ensure_both_splits()
+        for writer in self.writers.values():
+            writer.flush()
+        manifest = self._manifest()
+        (self.work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (self.work / "progress.json").unlink(missing_ok=True)
+        (self.work / "dedup.pkl").unlink(missing_ok=True)
+        return manifest
+
+    def _progress_bar(self) -> tqdm:
+        caps = [s.max_bytes for s in self.cfg.sources]
+        total = None if None in caps else sum(c for c in caps if c is not None)
+        return tqdm(
+            total=total, unit="B", unit_scale=True, desc="tokenize", disable=not sys.stderr.isatty()
         )
-        for split in SPLITS
-    }
-    caps = [s.max_bytes for s in cfg.sources]
-    total = None if None in caps else sum(c for c in caps if c is not None)
-    disable = not sys.stderr.isatty()
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=disable) as bar:
-        for source in cfg.sources:
-            for batch in _batches(read_documents(source), cfg.batch_docs):
-                for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-                    doc = _Doc(source.name, np.asarray(ids, np.uint32), len(text.encode("utf-8")))
-                    writers[split_of(text, cfg.heldout_fraction)].add(doc)
-                    bar.update(doc.num_bytes)
-    _ensure_both_splits(writers["train"], writers["val"])
-    for writer in writers.values():
-        writer.flush()
-    manifest = _manifest(cfg, tokenizer, writers)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+    def _tokenize_source(self, source: SourceConfig, workers: _Workers, bar: tqdm) -> None:
+        """Stream one source through the workers; a restart point each time a shard fills."""
+        done = self.read[source.name]
+        if done:
+            log.info("source %s: skipping %d items done before the restart", source.name, done)
+        items = itertools.islice(self._items(source), done, None)
+        for batch, docs in workers.map(_batches(items, self.cfg.batch_docs)):
+            checkpoint = False
+            for item, doc in zip(batch, docs, strict=True):
+                self.read[source.name] += 1
+                bar.update(doc.num_bytes)
+                reason = doc.reason
+                if isinstance(item, DataError):
+                    self._reject(source.name, item)
+                elif reason is None and doc.sig is not None:
+                    reason = self.dedup.check(f"{source.name}:{self.read[source.name]}", doc.sig)
+                if reason is not None:
+                    counts = self.dropped[source.name]
+                    counts[reason] = counts.get(reason, 0) + 1
+                    continue
+                assert doc.ids is not None
+                checkpoint |= self.writers[source.name, doc.split].add(doc.ids, doc.num_bytes)
+            if checkpoint:
+                self._flush_source(source.name)
+                self._save_restart_point()
+
+    def _items(self, source: SourceConfig) -> Iterator[str | DataError]:
+        """The source's documents, and with on_error=skip its bad inputs, in reading order."""
+        if self.cfg.on_error == "raise":
+            yield from read_documents(source)
+            return
+        errors: list[DataError] = []
+        for text in read_documents(source, on_error=errors.append):
+            yield from errors
+            errors.clear()
+            yield text
+        yield from errors
+
+    def _reject(self, source: str, error: DataError) -> None:
+        with open(self.rejects_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"source": source, "error": str(error)}, ensure_ascii=False) + "\n")
+
+    def _flush_source(self, source: str) -> None:
+        for split in SPLITS:
+            self.writers[source, split].flush()
+
+    def _save_restart_point(self) -> None:
+        """Record everything needed to continue from here (all shards so far are written)."""
+        _atomic_write(self.work / "dedup.pkl", pickle.dumps(self.dedup))
+        state = {
+            "fingerprint": self.fingerprint,
+            "source_index": self.source_index,
+            "read": self.read,
+            "dropped": self.dropped,
+            "rejects_bytes": self.rejects_path.stat().st_size if self.rejects_path.exists() else 0,
+            "dedup_sha256": _sha256(self.work / "dedup.pkl"),
+            "writers": {f"{s}/{split}": w.state() for (s, split), w in self.writers.items()},
+        }
+        _atomic_write(self.work / "progress.json", json.dumps(state, indent=1).encode())
+        self.restart_points += 1
+
+    def _restore(self) -> bool:
+        """Continue from the work folder's restart point if it matches this run exactly."""
+        path = self.work / "progress.json"
+        if not path.exists():
+            return False
+        try:
+            state = json.loads(path.read_text())
+            if state["fingerprint"] != self.fingerprint:
+                log.warning("%s: inputs or config changed since; starting over", self.work)
+                return False
+            if _sha256(self.work / "dedup.pkl") != state["dedup_sha256"]:
+                raise ValueError("dedup state checksum mismatch")
+            for ws in state["writers"].values():
+                for name in ws["shards"]:
+                    if _sha256(self.work / name) != ws["checksums"][name]:
+                        raise ValueError(f"{name}: checksum mismatch")
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("%s: unusable restart point (%s); starting over", self.work, e)
+            return False
+        self.dedup = pickle.loads((self.work / "dedup.pkl").read_bytes())
+        for key, ws in state["writers"].items():
+            source, split = key.rsplit("/", 1)
+            self.writers[source, split].restore(ws)
+        self.read, self.dropped = state["read"], state["dropped"]
+        self.source_index = state["source_index"]
+        keep = {n for ws in state["writers"].values() for n in ws["shards"]}
+        keep |= {"progress.json", "dedup.pkl", "rejects.jsonl"}
+        for p in self.work.iterdir():
+            if p.name not in keep:  # written after the restart point
+                p.unlink()
+        if self.rejects_path.exists():
+            with open(self.rejects_path, "r+b") as f:
+                f.truncate(state["rejects_bytes"])
+        log.info("%s: continuing after %d finished shards", self.work, len(keep) - 3)
+        return True
+
+    def _ensure_both_splits(self) -> None:
+        """With >= 2 documents, move one so that neither split is empty (tiny corpora)."""
+
+        def count(split: str) -> int:
+            return sum(w.total_docs for (_, sp), w in self.writers.items() if sp == split)
+
+        for src, dst in (("train", "val"), ("val", "train")):
+            if count(dst) == 0 and count(src) >= 2:
+                giver = max(
+                    (w for (_, sp), w in self.writers.items() if sp == src),
+                    key=lambda w: w.total_docs,
+                )
+                ids, num_bytes = giver.take_last()
+                self.writers[giver.source, dst].add(ids, num_bytes)
+        train, val = count("train"), count("val")
+        if train == 0 or val == 0:
+            raise DataError(
+                f"the corpus has {train + val} document(s) after cleaning: too few for a train"
+                " and a val split (a .txt file is one document); give more documents, e.g. a"
+                " .jsonl file with one document per line"
+            )
+
+    def _manifest(self) -> dict[str, Any]:
+        sources: dict[str, Any] = {}
+        for s in self.cfg.sources:
+            sources[s.name] = {split: self.writers[s.name, split].summary() for split in SPLITS} | {
+                "read": self.read[s.name],
+                "dropped": dict(sorted(self.dropped[s.name].items())),
+                "weight": s.weight,
+                "max_epochs": s.max_epochs,
+            }
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            ws = [self.writers[s.name, split] for s in self.cfg.sources]
+            splits[split] = {
+                "docs": sum(w.docs for w in ws),
+                "tokens": sum(w.tokens for w in ws),
+                "bytes": sum(w.bytes for w in ws),
+                "shards": [name for w in ws for name in w.shards],
+            }
+        return {
+            "format_version": FORMAT_VERSION,
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "vocab_size": self.tokenizer.vocab_size,
+            "heldout_fraction": self.cfg.heldout_fraction,
+            "sources": sources,
+            "splits": splits,
+            "shards": splits["train"]["shards"] + splits["val"]["shards"],
+            "drop_reasons": [*DROP_REASONS, "exact_duplicate", "near_duplicate", "bad_input"],
+        }
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+class _Workers:
+    """Clean + signature + tokenize batches, in order, in-process or in a bounded process pool."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.num = cfg.workers or os.cpu_count() or 1
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Workers:
+        if self.num > 1:
+            self.pool = ProcessPoolExecutor(
+                self.num,
+                mp_context=get_context("spawn"),  # fork would copy tokenizers' thread pool
+                initializer=_init_worker,
+                initargs=(
+                    self.cfg.clean,
+                    self.cfg.dedup,
+                    self.cfg.heldout_fraction,
+                    self.tokenizer.backend.to_str(),
+                ),
+            )
+        else:
+            _init_worker(
+                self.cfg.clean, self.cfg.dedup, self.cfg.heldout_fraction, None, self.tokenizer
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def map(
+        self, batches: Iterable[list[str | DataError]]
+    ) -> Iterator[tuple[list[str | DataError], list[_Doc]]]:
+        """Each batch with its processed documents, in input order; bad inputs pass through."""
+        if self.pool is None:
+            for batch in batches:
+                yield batch, _merge(batch, _process(_texts(batch)))
+            return
+        in_flight: deque[tuple[list[str | DataError], Future[list[_Doc]]]] = deque()
+        for batch in batches:
+            in_flight.append((batch, self.pool.submit(_process, _texts(batch))))
+            if len(in_flight) >= 2 * self.num:
+                done, fut = in_flight.popleft()
+                yield done, _merge(done, fut.result())
+        while in_flight:
+            done, fut = in_flight.popleft()
+            yield done, _merge(done, fut.result())
+
+
+def _texts(batch: list[str | DataError]) -> list[str]:
+    return [item for item in batch if isinstance(item, str)]
+
+
+def _merge(batch: list[str | DataError], docs: list[_Doc]) -> list[_Doc]:
+    """Put a placeholder for each bad input back among the processed documents."""
+    it = iter(docs)
+    return [
+        next(it) if isinstance(item, str) else _Doc(0, "train", "bad_input", None, None)
+        for item in batch
+    ]
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(
+    clean_cfg: CleanConfig,
+    dedup_cfg: DedupConfig,
+    heldout_fraction: float,
+    tokenizer_json: str | None,
+    tokenizer: TextTokenizer | None = None,
+) -> None:
+    if tokenizer is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+        assert tokenizer_json is not None
+        tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), tokenizer_json)
+    _worker.update(clean=clean_cfg, dedup=dedup_cfg, heldout=heldout_fraction, tok=tokenizer)
+
+
+def _process(batch: list[str]) -> list[_Doc]:
+    """Clean, sign and tokenize one batch (the per-document work that parallelizes)."""
+    clean_cfg, dedup_cfg, tokenizer = _worker["clean"], _worker["dedup"], _worker["tok"]
+    docs, kept = [], []
+    for raw in batch:
+        text, reason = clean(raw, clean_cfg)
+        num_bytes = len(text.encode("utf-8"))
+        sig = signature(text, dedup_cfg) if reason is None and _dedups(dedup_cfg) else None
+        docs.append(_Doc(num_bytes, split_of(text, _worker["heldout"]), reason, sig, None))
+        if reason is None:
+            kept.append((len(docs) - 1, text))
+    encoded = tokenizer.encode_batch([t for _, t in kept]) if kept else []
+    for (i, _), ids in zip(kept, encoded, strict=True):
+        docs[i].ids = np.asarray(ids, dtype=np.uint32)
+    return docs
+
+
+def _dedups(cfg: DedupConfig) -> bool:
+    return cfg.exact or cfg.near
+
+
+def _batches(texts: Iterable[str | DataError], size: int) -> Iterator[list[str | DataError]]:
+    batch: list[str | DataError] = []
     for text in texts:
         batch.append(text)
         if len(batch) == size:
@@ -180,42 +568,34 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _ensure_both_splits(train: _SplitWriter, val: _SplitWriter) -> None:
-    """With >= 2 docs, move one still-unwritten doc so neither split is empty.
-
-    A writer always keeps its last document pending, so a non-empty split can give one away.
-    """
-    for src, dst in ((train, val), (val, train)):
-        if dst.num_docs == 0 and src.num_docs >= 2:
-            doc = src.pending.pop()
-            src.pending_tokens -= len(doc.ids)
-            dst.add(doc)
-    if train.num_docs == 0 or val.num_docs == 0:
-        raise DataError(
-            f"the corpus has {train.num_docs + val.num_docs} document(s), too few for a train and a"
-            " val split (a .txt file is one document); give more documents, e.g. a .jsonl file"
-            " with one document per line"
-        )
+def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
+    """Config + tokenizer + every input file's size and mtime: what a restart must match."""
+    inputs: list[Any] = []
+    for s in cfg.sources:
+        if s.path.startswith(("builtin:", "hf:")):
+            inputs.append([s.path])
+        else:
+            inputs.append(
+                [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in resolve_files(s.path)]
+            )
+    blob = json.dumps(
+        [FORMAT_VERSION, asdict(cfg), tokenizer.sha256, inputs], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _manifest(
-    cfg: DataConfig, tokenizer: TextTokenizer, writers: dict[str, _SplitWriter]
-) -> dict[str, Any]:
-    splits: dict[str, Any] = {}
-    for split, w in writers.items():
-        totals = {k: sum(s[k] for s in w.stats.values()) for k in ("docs", "tokens", "bytes")}
-        splits[split] = {**totals, "shards": w.files}
-    return {
-        "format_version": 1,
-        "tokenizer_sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size,
-        "heldout_fraction": cfg.heldout_fraction,
-        "sources": {
-            s.name: {split: writers[split].stats[s.name] for split in SPLITS} for s in cfg.sources
-        },
-        "splits": splits,
-        "shards": [f for w in writers.values() for f in w.files],
-    }
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
