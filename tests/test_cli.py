@@ -61,6 +61,48 @@ def test_verbs_run_one_stage_each(tiny_run: Path, capsys: pytest.CaptureFixture[
     assert (tiny_run / "exported" / "config.json").exists()
 
 
+def test_data_inspect_shows_shares_epochs_and_marked_rows(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["data-inspect", *args, "--json", "train.max_tokens=200000"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["sources"]) == {"english", "chinese", "code"}
+    assert abs(sum(info["target_share"].values()) - 1) < 1e-9
+    planned = info["planned"]
+    assert sum(p["tokens"] for p in planned.values()) >= 200_000  # train.max_tokens
+    for name, p in planned.items():  # natural weights: planned shares follow the targets
+        assert abs(p["share"] - info["target_share"][name]) < 0.03, name
+        assert p["epochs"] > 5
+    assert "realised" not in info and all(row.startswith("▌") for row in info["rows"])
+    assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
+    capsys.readouterr()
+    assert main(["data-inspect", *args]) == 0
+    out = capsys.readouterr().out
+    assert "| source | train docs |" in out and "realised share" in out
+    assert "packed row 1" in out and "▌<|bos|>" in out
+
+
+def test_tokenizer_report_compares_with_a_reference(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    reference = tiny_run / "reference" / "tokenizer.json"
+    reference.parent.mkdir()
+    reference.write_text((tiny_run / "tokenizer.json").read_text())
+    assert main(["tokenizer-report", *args, "--reference", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "lmforge" in out and "reference" in out
+    report = json.loads((tiny_run / "tokenizer_report" / "tokenizer_report.json").read_text())
+    by_name: dict[str, list[float]] = {}
+    for row in report["rows"]:
+        by_name.setdefault(row["tokenizer"], []).append(row["bytes_per_token"])
+    assert by_name["lmforge"] == by_name["reference"]  # the same tokenizer compresses the same
+    assert (tiny_run / "tokenizer_report" / "tokenizer_report.png").stat().st_size > 1000
+    assert main(["tokenizer-report", *args, "--reference", str(tiny_run / "nope.model")]) == 2
+    assert "nope.model" in capsys.readouterr().err
+
+
 def test_unknown_recipe_key_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

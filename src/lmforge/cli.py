@@ -16,8 +16,10 @@ from pathlib import Path
 
 from lmforge import __version__, pipeline
 from lmforge.checkpoint import CheckpointError
+from lmforge.data import overview
 from lmforge.data.shards import ShardError
 from lmforge.data.sources import DataError
+from lmforge.data.tokenizer_report import markdown_table
 from lmforge.logs import setup_logging
 from lmforge.recipe import Recipe, RecipeError, load_recipe
 
@@ -40,6 +42,40 @@ def cmd_train_tokenizer(recipe: Recipe, args: argparse.Namespace) -> None:
 def cmd_tokenize(recipe: Recipe, args: argparse.Namespace) -> None:
     manifest = pipeline.tokenize_stage(recipe)
     print(json.dumps(manifest["splits"], indent=2))
+
+
+def cmd_tokenizer_report(recipe: Recipe, args: argparse.Namespace) -> None:
+    report = pipeline.tokenizer_report_stage(recipe, args.reference or [])
+    print(markdown_table(report["rows"]))
+    print("\n" + "\n".join(report["files"]))
+
+
+def cmd_data_inspect(recipe: Recipe, args: argparse.Namespace) -> None:
+    info = pipeline.inspect_stage(recipe, args.rows)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return
+    realised = info.get("realised", {})
+    header = ["source", "train docs", "train tokens", "val tokens", "dropped", "target share"]
+    header += ["planned share", "planned epochs"] + (["realised share"] if realised else [])
+    rows = []
+    for name, counts in info["sources"].items():
+        planned = info["planned"][name]
+        dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items()) or "-"
+        row = [name, counts["train_docs"], counts["train_tokens"], counts["val_tokens"], dropped]
+        row += [info["target_share"][name], planned["share"], planned["epochs"]]
+        if realised:
+            row.append(realised[name]["share"])
+        rows.append(row)
+    print(overview.markdown_table(header, rows))
+    print(f"\nplanned: the loader's draw replayed for train.max_tokens={recipe.train.max_tokens:,}")
+    if realised:
+        at = info["realised_at"]
+        print(f"realised: tokens placed in rows up to {at['checkpoint']} ({at['tokens']:,} tokens)")
+        for name, r in realised.items():
+            print(f"  {name}: tokens per epoch {r['tokens_per_epoch']}")
+    for i, row in enumerate(info["rows"]):
+        print(f"\n--- packed row {i} ({overview.BOUNDARY} = a document piece starts) ---\n{row}")
 
 
 def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -74,7 +110,15 @@ def cmd_run(recipe: Recipe, args: argparse.Namespace) -> None:
 
 VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
     "train-tokenizer": (cmd_train_tokenizer, "train the byte-level BPE tokenizer"),
-    "tokenize": (cmd_tokenize, "tokenize the corpus into train/val shards"),
+    "tokenizer-report": (
+        cmd_tokenizer_report,
+        "compression per source vs reference tokenizers (table + PNG)",
+    ),
+    "tokenize": (cmd_tokenize, "clean, dedup and tokenize the sources into train/val shards"),
+    "data-inspect": (
+        cmd_data_inspect,
+        "per-source counts, target/planned/realised shares, sample packed rows",
+    ),
     "pretrain": (cmd_pretrain, "pretrain the model on the shards"),
     "eval": (cmd_eval, "held-out loss, perplexity and bits per byte"),
     "generate": (cmd_generate, "sample continuations of prompts"),
@@ -106,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace the recipe's sources: a file, dir, glob or hf:NAME[:split]",
         )
         p.add_argument("--text-field", default="text", help="JSON field holding the text")
+        if verb == "tokenizer-report":
+            p.add_argument(
+                "--reference",
+                action="append",
+                metavar="FILE",
+                help="a tokenizer.json or sentencepiece .model to compare with (repeatable)",
+            )
+        if verb == "data-inspect":
+            p.add_argument("--rows", type=int, default=2, help="packed rows to decode")
+            p.add_argument("--json", action="store_true", help="print everything as JSON")
         if verb == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
         if verb in ("eval", "generate", "export"):

@@ -123,3 +123,20 @@ def test_compiled_training_matches_eager(tiny_run: Path, tmp_path: Path) -> None
     for a, b in zip(eager, compiled, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"]
     assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4 * eager[-1]["val_loss"]
+
+
+def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path) -> None:
+    sources = ", ".join(
+        f"{{name: {name}, path: 'builtin:{name}', max_bytes: 20000, weight: {w}, max_epochs: 0.2}}"
+        for name, w in (("english", 1), ("chinese", 0), ("code", 1))
+    )
+    records = _pretrain_in_process(
+        tiny_run, f"data.sources=[{sources}]", "train.log_every_steps=1", "train.max_tokens=16384"
+    )
+    assert 0 < len(records) < 32  # a fifth of two small sources runs out before 16,384 tokens
+    seen = records[-1]["tokens_by_source"]
+    assert seen["chinese"] == 0 and seen["english"] > 0 and seen["code"] > 0
+    last = latest_checkpoint(tiny_run / "checkpoints")
+    assert last is not None and last.name == f"step_{len(records):08d}"
+    consumed = json.loads((last / "trainer.json").read_text())["loader"]["consumed"]
+    assert [len(v) for v in consumed.values()] == [1, 0, 1]  # nobody reached a second epoch

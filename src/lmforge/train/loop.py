@@ -8,6 +8,7 @@ of 1 row equal 1 micro-batch of 4 rows.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -123,12 +124,19 @@ def train(
     records: list[dict[str, Any]] = []
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
     bar = progress(total_steps, "pretrain", initial=step, unit="step")
+    saved_step = step
     while step < last_step:
         t0 = time.perf_counter()
         lr = lr_at(tokens, cfg.max_tokens, optim_cfg.lr, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [next(batches) for _ in range(accum)]
+        micro = list(itertools.islice(batches, accum))
+        if len(micro) < accum:  # every source has had its max_epochs: a partial step is dropped
+            log.warning("data exhausted after step %d (%d tokens): stopping early", step, tokens)
+            if step > saved_step:
+                state = TrainerState(step, tokens, loader.state_dict(), recipe)
+                save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
+            break
         targets = sum(b.num_targets for b in micro)
         loss_sum = 0.0
         for batch in micro:
@@ -153,7 +161,7 @@ def train(
         step_tokens = accum * loader.batch_size * seq_len * world_size()
         tokens += step_tokens
         dt = time.perf_counter() - t0
-        record = {
+        record: dict[str, Any] = {
             "step": step,
             "tokens": tokens,
             "loss": loss_sum,
@@ -167,6 +175,10 @@ def train(
             step == total_steps or (eval_every_steps and step % eval_every_steps == 0)
         ):
             record.update(evaluate(model))
+        if step % cfg.log_every_steps == 0 or step == total_steps:
+            record["tokens_by_source"] = {
+                name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
+            }
         metrics.write(record)
         records.append(record)
         bar.update(1)
@@ -176,6 +188,7 @@ def train(
         if step % cfg.save_every_steps == 0 or step == last_step:
             state = TrainerState(step, tokens, loader.state_dict(), recipe)
             save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
+            saved_step = step
     bar.close()
     metrics.close()
     return records
