@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,18 @@ def test_fresh_pretrain_never_overwrites_an_earlier_run(
     assert "pass --resume" in capsys.readouterr().err
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
     assert main(["pretrain", "--resume", *args]) == 0  # already complete: nothing to do
+
+
+def test_command_line_tokenize_with_worker_processes(prepared_run: Path) -> None:
+    """`python -m lmforge tokenize` with spawned worker processes, as a user runs it."""
+    run_dir = prepared_run.parent / "module_run"
+    run_dir.mkdir()
+    shutil.copy(prepared_run / "tokenizer.json", run_dir / "tokenizer.json")
+    cmd = [sys.executable, "-m", "lmforge", "tokenize", *TINY_OVERRIDES, f"run_dir={run_dir}"]
+    result = subprocess.run(
+        [*cmd, "data.workers=2"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = json.loads((run_dir / "shards" / "manifest.json").read_text())
+    b = json.loads((prepared_run / "shards" / "manifest.json").read_text())
+    assert a == b  # 2 worker processes write what 1 in-process worker wrote

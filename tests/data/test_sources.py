@@ -191,3 +191,12 @@ def test_builtin_chinese_is_plain_chinese_from_both_kinds() -> None:
 def test_builtin_code_is_python_source() -> None:
     docs = _read("builtin:code", max_bytes=100_000)
     assert any("def " in d for d in docs)
+
+
+def test_a_100_mb_document_is_refused_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "dump.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"text": "short"}) + "\n")
+        f.write('{"text": "' + "x" * 100_000_000 + '"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,013 bytes")):
+        list(read_documents(SourceConfig(name="t", path=str(path))))
