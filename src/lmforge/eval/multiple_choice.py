@@ -97,11 +97,11 @@ class LoglikelihoodScorer:
             if len(cont) > self.max_length:
                 raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length")
             # lm-eval's window: the last max_length + 1 tokens of prefix + continuation
-            prefix = [self.prefix_id, *ctx][-(self.max_length + 1 - len(cont)) :]
-            groups.setdefault(tuple(prefix), []).append(i)
-        for prefix, members in groups.items():
+            window = [self.prefix_id, *ctx][-(self.max_length + 1 - len(cont)) :]
+            groups.setdefault(tuple(window), []).append(i)
+        for key, members in groups.items():
             conts = [pairs[i][1] for i in members]
-            for i, s in zip(members, self._score_shared(list(prefix), conts), strict=True):
+            for i, s in zip(members, self._score_shared(list(key), conts), strict=True):
                 scores[i] = s
         return [s for s in scores if s is not None]
 
