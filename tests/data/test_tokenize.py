@@ -247,7 +247,7 @@ class _Interrupt(Exception):
 def test_interrupted_run_continues_after_its_finished_shards(
     tmp_path: Path, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=300, batch_docs=3, workers=1)
+    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=150, batch_docs=3, workers=1)
     straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
 
     processed: list[int] = []
@@ -280,7 +280,7 @@ def test_interrupted_run_continues_after_its_finished_shards(
 def test_damaged_or_stale_restart_point_starts_over(
     tmp_path: Path, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=300, batch_docs=3, workers=1)
+    cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=150, batch_docs=3, workers=1)
     straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
     real_process = tokenize._process
 

@@ -1,5 +1,6 @@
-"""Byte-level BPE: exact round trip of any text, fixed special ids, save/load identity, vocab
-padding and presets, balanced sampling of training text across sources."""
+"""Byte-level BPE: exact round trip of any text, fixed special ids, save/load identity, CJK runs
+and single digits in pre-tokenization, vocab padding and presets, balanced sampling of training
+text across sources."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 
 from lmforge.data.tokenizer import (
+    MAX_CJK_RUN,
     RESERVED_TOKEN,
     SPECIAL_TOKENS,
+    SPLIT_PATTERN,
     VOCAB_PRESETS,
     TextTokenizer,
     TokenizerConfig,
@@ -64,6 +67,7 @@ def test_training_learns_merges_within_vocab_size(tokenizer: TextTokenizer) -> N
         "\x00\x01\x7f\u200b\ufeff\U0010ffff",
         "never seen: ꙮ 𓀀 ᚠᛇᚻ",
         "a<|bos|>b<|im_start|>",
+        "长" * 70 + "没有标点的中文" + "日本語のテキスト한국어" * 5,  # runs longer than the cap
     ],
 )
 def test_round_trip_examples(tokenizer: TextTokenizer, text: str) -> None:
@@ -76,16 +80,50 @@ def test_round_trip_any_text(tokenizer: TextTokenizer, text: str) -> None:
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet="中国人们的我在是，。！ 12ab日本語のテキ한국\n"))
+def test_round_trip_cjk_heavy_text(tokenizer: TextTokenizer, text: str) -> None:
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
 @settings(max_examples=50, deadline=None)
 @given(texts=st.lists(st.text(alphabet=st.characters(codec="utf-8")), max_size=8))
 def test_encode_batch_equals_encode(tokenizer: TextTokenizer, texts: list[str]) -> None:
     assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
 
 
-def test_chinese_characters_are_separate_pieces(tokenizer: TextTokenizer) -> None:
-    pieces = tokenizer.backend.pre_tokenizer.pre_tokenize_str("中文abc 123")
-    assert [p for p, _ in pieces][:2] == ["ä¸Ń", "æĸĩ"]  # byte-level forms of 中, 文
-    assert sum(1 for p, _ in pieces if p in "123") == 3  # digits one by one
+def _pieces(text: str) -> list[str]:
+    """Pre-tokenizer pieces as plain text (before the byte-level mapping)."""
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    return [piece for piece, _ in split.pre_tokenize_str(text)]
+
+
+def test_pre_tokenizer_keeps_cjk_runs_and_splits_digits() -> None:
+    assert _pieces("我们的中文，日本語のテキスト。abc 2024年") == (
+        ["我们的中文", "，", "日本語のテキスト", "。", "abc", " ", "2", "0", "2", "4", "年"]
+    )
+    assert _pieces("中" * (2 * MAX_CJK_RUN + 5)) == ["中" * MAX_CJK_RUN] * 2 + ["中" * 5]
+
+
+def test_pre_tokenizer_pieces_match_the_tokenizer(tokenizer: TextTokenizer) -> None:
+    text = "中文abc 123"
+    byte_level = [p for p, _ in tokenizer.backend.pre_tokenizer.pre_tokenize_str(text)]
+    assert byte_level[0] == "ä¸Ńæĸĩ"  # byte-level form of 中文: one piece
+    assert len(byte_level) == len(_pieces(text)) == 6  # 中文, abc, " ", 1, 2, 3
+
+
+def test_frequent_chinese_word_becomes_one_token() -> None:
+    rng = random.Random(0)
+    filler = "天地山水日月风云花草"
+
+    def fill() -> str:
+        return "".join(rng.choice(filler) for _ in range(rng.randint(0, 3)))
+
+    texts = [f"{fill()}中国{fill()}。" for _ in range(300)]  # 中国 in varied contexts
+    tok = train_tokenizer(texts, TokenizerConfig(vocab_size=320))
+    ids = tok.encode("中国")
+    assert len(ids) == 1  # one piece per character (the old pattern) would give 2
+    assert tok.decode(ids) == "中国"
 
 
 def test_save_load_keeps_ids_and_sha256(tokenizer: TextTokenizer, tmp_path: Path) -> None:

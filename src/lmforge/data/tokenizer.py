@@ -40,10 +40,13 @@ XGen uses a 51,200-token GPT-2-style vocabulary, ChuXin a 102,400-token one."""
 DEFAULT_VOCAB_SIZE = 4096
 
 _CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
+MAX_CJK_RUN = 32
+"""Longest CJK piece: a longer run (unpunctuated text) is cut every 32 characters."""
+
 SPLIT_PATTERN = "|".join(
     [
         r"'(?:[sdmt]|ll|ve|re)",  # English contractions
-        rf"[{_CJK}]",  # each CJK character alone
+        rf"[{_CJK}]{{1,{MAX_CJK_RUN}}}",  # a run of CJK characters (Chinese words)
         r"\p{N}",  # each digit alone
         rf" ?[^\s\p{{N}}\p{{P}}\p{{S}}{_CJK}]+",  # a word, with its leading space
         r" ?[\p{P}\p{S}]+[\r\n]*",  # a punctuation / operator run
@@ -52,7 +55,17 @@ SPLIT_PATTERN = "|".join(
         r"\s+",
     ]
 )
-"""Pre-tokenizer regex: BPE merges never cross these pieces. Unmatched text is kept, not dropped."""
+"""Pre-tokenizer regex: BPE merges never cross these pieces. Unmatched text is kept, not dropped.
+
+Chinese has no spaces, so CJK characters stay together up to punctuation and BPE can learn words
+(中国, 我们, 非常). On held-out modern Chinese at vocab 32,000 (20 MB zh/en/code sample) this takes
+People's Daily from 1,143 to 773 tokens per 1,000 Han characters and Chinese man pages from 1,926
+to 1,468; one character per piece cannot go below one token per character. The cost is vocabulary
+that now goes to Chinese words: English bytes/token 3.82 -> 3.69 at the same sample mix (set
+`source_shares` to trade it back). The cap keeps BPE training fast on unpunctuated text, where
+time grows faster than linearly with piece length (one 200,000-character run: over 300 s uncapped,
+1.2 s at 32); at 32 it costs no measurable compression (caps of 2-8 do: words get cut anywhere).
+"""
 
 
 @dataclass(frozen=True, kw_only=True)
