@@ -85,7 +85,9 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path: Path, tokenizer_
         assert getattr(theirs, key) == token
         assert getattr(theirs, f"{key}_id") == ours.token_to_id(token)
     text = "the lazy fox, 棕色的狗!"
-    assert theirs.encode(text) == ours.encode(text).ids
+    bos = ours.token_to_id(SPECIALS["bos_token"])
+    assert theirs.encode(text) == [bos, *ours.encode(text).ids]  # BOS first, as in training
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).ids
     config = json.loads((folder / "config.json").read_text())
     assert config["eos_token_id"] == ours.token_to_id("<|eos|>")
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
@@ -148,11 +148,23 @@ def _write_json(path: Path, d: dict[str, Any]) -> None:
 
 
 def _write_tokenizer(folder: Path, tokenizer_file: Path, special_tokens: dict[str, str]) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json for AutoTokenizer."""
-    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
-    tok_config = {
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json for AutoTokenizer.
+
+    With a bos_token, encoding with special tokens prepends it (like Llama tokenizers): the model
+    saw BOS at every document start in training, so `tokenizer(text)` gives what it expects.
+    """
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    bos = special_tokens.get("bos_token")
+    if bos is not None:
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)]
+        )
+    tok.save(str(folder / "tokenizer.json"))
+    tok_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
+        "add_bos_token": bos is not None,
         **special_tokens,
     }
     _write_json(folder / "tokenizer_config.json", tok_config)

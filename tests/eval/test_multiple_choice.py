@@ -76,7 +76,7 @@ def test_shared_prefix_scores_equal_each_sequence_alone(model: Llama, max_length
     for cont, s in zip(req.continuations, scores, strict=True):
         ctx, c = encode_pair(char_encode, req.contexts[0], cont)
         assert s.num_tokens == len(c)
-        assert math.isclose(s.logprob, brute_force(model, ctx, c, max_length), abs_tol=1e-4)
+        assert math.isclose(s.logprob, brute_force(model, ctx, c, max_length), abs_tol=1e-3)
 
 
 def test_choices_with_their_own_contexts(model: Llama) -> None:
@@ -86,7 +86,7 @@ def test_choices_with_their_own_contexts(model: Llama) -> None:
     scores = scorer.score([req])[0]
     for ctx_text, s in zip(req.contexts, scores, strict=True):
         ctx, c = encode_pair(char_encode, ctx_text, " on the mat.")
-        assert math.isclose(s.logprob, brute_force(model, ctx, c, 512), abs_tol=1e-4)
+        assert math.isclose(s.logprob, brute_force(model, ctx, c, 512), abs_tol=1e-3)
 
 
 def test_greedy_flag_and_bf16_close_to_fp32(model: Llama) -> None:

@@ -79,12 +79,12 @@ class LoglikelihoodScorer:
         self.model, self.encode, self.prefix_id = model.eval(), encode, prefix_id
         self.max_length, self.device, self.amp_dtype = max_length, device, amp_dtype
 
-    @torch.no_grad()
     def score(self, requests: Sequence[McRequest], desc: str = "score") -> list[list[ChoiceScore]]:
         bar = tqdm(requests, desc=desc, unit="q", disable=not _tty())
-        return [self._score_request(r) for r in bar]
+        return [self.score_request(r) for r in bar]
 
-    def _score_request(self, request: McRequest) -> list[ChoiceScore]:
+    @torch.no_grad()
+    def score_request(self, request: McRequest) -> list[ChoiceScore]:
         pairs = [
             encode_pair(self.encode, c, x)
             for c, x in zip(request.contexts, request.continuations, strict=True)
@@ -101,12 +101,14 @@ class LoglikelihoodScorer:
             groups.setdefault(tuple(window), []).append(i)
         for key, members in groups.items():
             conts = [pairs[i][1] for i in members]
-            for i, s in zip(members, self._score_shared(list(key), conts), strict=True):
+            for i, s in zip(members, self.score_tokens(list(key), conts), strict=True):
                 scores[i] = s
         return [s for s in scores if s is not None]
 
-    def _score_shared(self, prefix: list[int], conts: list[list[int]]) -> list[ChoiceScore]:
-        """Continuations of one prefix: one prefix forward, then one batched forward."""
+    @torch.no_grad()
+    def score_tokens(self, prefix: list[int], conts: list[list[int]]) -> list[ChoiceScore]:
+        """Token continuations of one token prefix (BOS included, already truncated): one
+        prefix forward, then one batched forward of all continuations."""
         longest = max(len(c) for c in conts)
         dtype = self.amp_dtype or next(self.model.parameters()).dtype
         cfg = self.model.cfg

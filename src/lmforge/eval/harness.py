@@ -1,0 +1,138 @@
+"""lm-evaluation-harness adapter: any lm-eval task on an lmforge checkpoint, without conversion.
+
+    python -m lmforge.eval.harness --model lmforge \\
+        --model_args checkpoint=runs/demo/checkpoints/step_00000586 --tasks arc_easy,piqa
+
+lm-eval finds models only among the names registered in the running process (it has no plugin
+entry point), so this module registers `lmforge` and then hands its arguments to lm-eval's own
+command line. `import lmforge.eval.harness` does the same for the Python API
+(`lm_eval.simple_evaluate(model="lmforge", model_args=...)`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.eval.multiple_choice import ChoiceScore, LoglikelihoodScorer
+from lmforge.generate import GenerateConfig, generate_text
+
+_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Requests sharing one context, scored together (one prefix forward)."""
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int = 0
+    choice_texts: tuple[str, ...] = ()
+
+
+@register_model("lmforge")
+class LmforgeLM(LM):
+    """An lmforge checkpoint behind lm-eval's three request types."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        tokenizer: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_length: int | None = None,
+        batch_size: int | str = 1,  # accepted for lm-eval's CLI; scoring batches per context
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        from lmforge.pipeline import load_trained  # the pipeline imports torch models lazily
+
+        path = Path(checkpoint)
+        self.model, recipe = load_trained(path)
+        self.model.to(device)
+        tokenizer_path = Path(tokenizer) if tokenizer else path.parent.parent / "tokenizer.json"
+        self.tokenizer = TextTokenizer.load(tokenizer_path)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.max_length = int(max_length or recipe.packing.seq_len)
+        self.scorer = LoglikelihoodScorer(
+            self.model,
+            self.tokenizer.encode,
+            self.tokenizer.bos_id,
+            self.max_length,
+            torch.device(device),
+            _DTYPES[dtype],
+        )
+        self.generate_cfg = replace(recipe.generate, temperature=0.0)
+
+    def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
+        by_context: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_context.setdefault(r.args[0], []).append(i)
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        for context, members in tqdm(by_context.items(), disable=disable_tqdm, desc="lmforge"):
+            conts = tuple(requests[i].args[1] for i in members)
+            group = _Group((context,) * len(conts), conts)
+            scores: list[ChoiceScore] = self.scorer.score_request(group)
+            for i, s in zip(members, scores, strict=True):
+                out[i] = (s.logprob, s.greedy)
+        return out
+
+    def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
+        """Whole-document log-likelihood in max_length windows, as lm-eval's HF model does."""
+        totals = []
+        for r in tqdm(requests, disable=disable_tqdm, desc="lmforge rolling"):
+            tokens = self.tokenizer.encode(r.args[0])
+            total = 0.0
+            windows = get_rolling_token_windows(
+                token_list=tokens,
+                prefix_token=self.tokenizer.bos_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, pred in map(make_disjoint_window, windows):
+                total += self.scorer.score_tokens(list(context), [list(pred)])[0].logprob
+            totals.append(total)
+        return totals
+
+    def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
+        outputs = []
+        for r in tqdm(requests, disable=disable_tqdm, desc="lmforge generate"):
+            context, kwargs = r.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            cfg = GenerateConfig(
+                max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0,
+                top_k=self.generate_cfg.top_k,
+                top_p=self.generate_cfg.top_p,
+            )
+            text = generate_text(self.model, self.tokenizer, context, cfg)
+            cut = min((text.find(s) for s in until if s and s in text), default=len(text))
+            outputs.append(text[:cut])
+        return outputs
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "lmforge"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""lm-eval parity: our adapter's answers equal lm-eval's own HF model on the exported checkpoint."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from lmforge import pipeline
+from lmforge.checkpoint import latest_checkpoint
+from lmforge.recipe import load_recipe
+from tests.conftest import TINY_OVERRIDES
+
+lm_eval = pytest.importorskip("lm_eval")
+
+REQUESTS = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " a large city in Europe"),
+    ("The Python language reference describes ", "the syntax"),
+    ("中国人民", "的生活"),
+    ("def main(", "):\n    return 0"),
+    ("x" * 300, " truncated context"),  # longer than the model's 64-token window
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, prepared_run: Path) -> tuple[Path, Path]:
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("harness") / "run"
+    shutil.copytree(prepared_run, run_dir)
+    recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={run_dir}", "train.precision=fp32"])
+    pipeline.pretrain_stage(recipe)
+    hf = pipeline.export_stage(recipe)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None
+    return checkpoint, hf
+
+
+def _instances(kind: str, args: list[tuple]) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihoods_equal_lm_evals_hf_model(trained: tuple[Path, Path]) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from lmforge.eval.harness import LmforgeLM
+
+    checkpoint, hf = trained
+    ours = LmforgeLM(checkpoint=str(checkpoint))
+    theirs = HFLM(
+        pretrained=str(hf), add_bos_token=True, dtype="float32", batch_size=4, device="cpu"
+    )
+    a = ours.loglikelihood(_instances("loglikelihood", REQUESTS))
+    b = theirs.loglikelihood(_instances("loglikelihood", REQUESTS))
+    for (lp_a, greedy_a), (lp_b, greedy_b) in zip(a, b, strict=True):
+        assert math.isclose(lp_a, lp_b, abs_tol=1e-3) and greedy_a == greedy_b
+
+    # rolling windows already start with lm-eval's prefix token (BOS); with the tokenizer also
+    # adding one, lm-eval's HF model would score the text after two BOS: compare without that
+    plain = HFLM(
+        pretrained=str(hf), add_bos_token=False, dtype="float32", batch_size=4, device="cpu"
+    )
+    texts = [("a long document " * 40,), ("短文。",)]
+    rolled_a = ours.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    rolled_b = plain.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    for x, y in zip(rolled_a, rolled_b, strict=True):
+        assert math.isclose(x, y, rel_tol=1e-4)
+
+
+def test_greedy_generation_equals_lm_evals_hf_model(trained: tuple[Path, Path]) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from lmforge.eval.harness import LmforgeLM
+
+    checkpoint, hf = trained
+    ours = LmforgeLM(checkpoint=str(checkpoint))
+    theirs = HFLM(
+        pretrained=str(hf), add_bos_token=True, dtype="float32", batch_size=1, device="cpu"
+    )
+    args = [("def main(", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})]
+    args += [("The ", {"until": ["."], "max_gen_toks": 12})]
+    assert ours.generate_until(_instances("generate_until", args)) == theirs.generate_until(
+        _instances("generate_until", args)
+    )
