@@ -187,3 +187,28 @@ def test_command_line_tokenize_with_worker_processes(prepared_run: Path) -> None
     a = json.loads((run_dir / "shards" / "manifest.json").read_text())
     b = json.loads((prepared_run / "shards" / "manifest.json").read_text())
     assert a == b  # 2 worker processes write what 1 in-process worker wrote
+
+
+EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+
+
+def test_eval_tasks_scores_benchmarks_and_writes_tables(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"{EVAL_DATA} not found (the shared benchmark data is not on this machine)")
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
+    capsys.readouterr()
+    tasks = "arc_easy,copa,winogrande,mmlu_anatomy"
+    assert (
+        main(["eval", *args, "--tasks", tasks, "--data-dir", str(EVAL_DATA), "--limit", "8"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| arc_easy | 8 | 0 |" in out and "| mmlu_anatomy | 8 | 5 |" in out
+    assert "commonsense average** (3 tasks)" in out
+    result = json.loads((tiny_run / "benchmarks.json").read_text())
+    for r in result["tasks"].values():
+        assert 0 <= r["acc"] <= 1 and r["n"] == 8
+    assert main(["eval", *args, "--tasks", "no_such_task"]) == 2
+    assert "no_such_task" in capsys.readouterr().err

@@ -85,7 +85,14 @@ def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
-    print(json.dumps(pipeline.eval_stage(recipe, args.checkpoint), indent=2))
+    if not args.tasks:
+        print(json.dumps(pipeline.eval_stage(recipe, args.checkpoint), indent=2))
+        return
+    tasks = [t for t in args.tasks.split(",") if t]
+    out = pipeline.benchmark_stage(
+        recipe, tasks, args.data_dir, args.num_fewshot, args.limit, args.checkpoint
+    )
+    print(pipeline.benchmark_table(out))
 
 
 def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -120,7 +127,7 @@ VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
         "per-source counts, target/planned/realised shares, sample packed rows",
     ),
     "pretrain": (cmd_pretrain, "pretrain the model on the shards"),
-    "eval": (cmd_eval, "held-out loss, perplexity and bits per byte"),
+    "eval": (cmd_eval, "held-out perplexity / bits per byte, or benchmarks with --tasks"),
     "generate": (cmd_generate, "sample continuations of prompts"),
     "export": (cmd_export, "write a Hugging Face LlamaForCausalLM folder"),
     "run": (cmd_run, "every stage of a recipe, in order"),
@@ -162,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print everything as JSON")
         if verb == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
+        if verb == "eval":
+            p.add_argument(
+                "--tasks",
+                help="comma-separated benchmarks (arc_easy,piqa,mmlu,...); default: perplexity",
+            )
+            p.add_argument(
+                "--data-dir",
+                help="a folder with one subfolder of data files per task (default: HF datasets)",
+            )
+            p.add_argument("--num-fewshot", type=int, help="override each task's shots")
+            p.add_argument("--limit", type=int, help="first N questions of each task")
         if verb in ("eval", "generate", "export"):
             p.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
         if verb == "generate":

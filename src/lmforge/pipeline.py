@@ -205,6 +205,84 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     return result
 
 
+COMMONSENSE: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "copa", "hellaswag")
+COMMONSENSE += ("openbookqa", "piqa", "sciq", "winogrande")
+KNOWLEDGE = ("mmlu", "cmmlu", "ceval")
+"""The reports' groups: their tables average accuracy over the tasks of a group."""
+
+
+def benchmark_stage(
+    recipe: Recipe,
+    tasks: list[str],
+    data_dir: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Zero/k-shot multiple-choice accuracy per task (lm-eval's formats and metrics)."""
+    from lmforge.eval.multiple_choice import LoglikelihoodScorer, mc_metrics
+    from lmforge.eval.tasks import load_task, task_spec
+
+    for name in tasks:
+        try:
+            task_spec(name)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
+    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    device = resolve_device(recipe.train.device)
+    amp = torch.bfloat16 if recipe.train.precision == "bf16" else None
+    scorer = LoglikelihoodScorer(
+        model.to(device), tokenizer.encode, tokenizer.bos_id, trained.packing.seq_len, device, amp
+    )
+    results: dict[str, Any] = {}
+    for name in tasks:
+        task_path = None
+        if data_dir is not None:  # a folder per task; subtasks (mmlu_anatomy) in their group's
+            task_path = Path(data_dir) / name
+            if not task_path.exists():
+                task_path = Path(data_dir) / task_spec(name).kind
+        task = load_task(name, task_path, num_fewshot=num_fewshot, limit=limit)
+        scores = scorer.score(task.requests, desc=name)
+        results[name] = {
+            **mc_metrics(task.requests, scores),
+            "num_fewshot": task.num_fewshot,
+            "n": len(task.requests),
+        }
+    out = {"checkpoint": str(path), "tasks": results, "averages": _averages(results)}
+    paths = RunPaths(recipe.run_dir)
+    (paths.root / "benchmarks.json").write_text(json.dumps(out, indent=2))
+    (paths.root / "benchmarks.md").write_text(benchmark_table(out) + "\n")
+    return out
+
+
+def _averages(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    averages = {}
+    for group, names in (("commonsense", COMMONSENSE), ("knowledge", KNOWLEDGE)):
+        present = [results[n] for n in names if n in results]
+        if present:
+            averages[group] = {
+                metric: sum(r[metric] for r in present) / len(present)
+                for metric in ("acc", "acc_norm")
+            } | {"tasks": len(present)}
+    return averages
+
+
+def benchmark_table(out: dict[str, Any]) -> str:
+    """Markdown: one row per task (acc ± stderr, acc_norm ± stderr), then the group averages."""
+    lines = ["| task | n | shots | acc | acc_norm | acc_bytes |", "|---|---|---|---|---|---|"]
+    for name, r in out["tasks"].items():
+        cells = [f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" for m in ("acc", "acc_norm", "acc_bytes")]
+        lines.append(f"| {name} | {r['n']} | {r['num_fewshot']} | " + " | ".join(cells) + " |")
+    for group, a in out["averages"].items():
+        lines.append(
+            f"| **{group} average** ({a['tasks']} tasks) | | | {a['acc']:.4f} |"
+            f" {a['acc_norm']:.4f} | |"
+        )
+    return "\n".join(lines)
+
+
 def generate_stage(
     recipe: Recipe,
     prompts: list[str],
