@@ -16,10 +16,12 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+if TYPE_CHECKING:  # imported where used: datasketch takes ~1 s to import, exact dedup needs none
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 _SCHEME = "affine32"
 """datasketch's default MinHash scheme: uint32 values, bijective permutations (issue #212)."""
@@ -83,6 +85,8 @@ def signature(text: str, cfg: DedupConfig) -> Signature:
 @functools.lru_cache(maxsize=4)
 def _empty_minhash(num_perm: int, seed: int) -> MinHash:
     """Drawing the permutations costs ~0.5 ms: do it once per process, then copy."""
+    from datasketch import MinHash
+
     return MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme=_SCHEME)
 
 
@@ -118,6 +122,8 @@ class Deduplicator:
         self._lsh: MinHashLSH | None = None
         if cfg.near:
             try:
+                from datasketch import MinHashLSH
+
                 self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
             except ValueError as e:
                 raise ValueError(
@@ -148,4 +154,6 @@ class Deduplicator:
                 f"dedup: signature has {got}, expected num_perm={self.cfg.num_perm};"
                 " compute signatures with the same DedupConfig as the Deduplicator"
             )
+        from datasketch import LeanMinHash
+
         return LeanMinHash(seed=self.cfg.seed, hashvalues=sig.hashvalues, scheme=_SCHEME)
