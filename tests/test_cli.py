@@ -200,7 +200,7 @@ def test_eval_tasks_scores_benchmarks_and_writes_tables(
     args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
     assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
     capsys.readouterr()
-    tasks = "arc_easy,copa,winogrande,mmlu_anatomy"
+    tasks = "arc_easy,copa,winogrande,mmlu_anatomy,humaneval"
     assert (
         main(["eval", *args, "--tasks", tasks, "--data-dir", str(EVAL_DATA), "--limit", "8"]) == 0
     )
@@ -208,6 +208,8 @@ def test_eval_tasks_scores_benchmarks_and_writes_tables(
     assert "| arc_easy | 8 | 0 |" in out and "| mmlu_anatomy | 8 | 5 |" in out
     assert "commonsense average** (3 tasks)" in out
     result = json.loads((tiny_run / "benchmarks.json").read_text())
+    humaneval = result["tasks"].pop("humaneval")
+    assert humaneval["n"] == 8 and humaneval["pass@1"] == 0.0  # a 1,024-token model writes no code
     for r in result["tasks"].values():
         assert 0 <= r["acc"] <= 1 and r["n"] == 8
     assert main(["eval", *args, "--tasks", "no_such_task"]) == 2

@@ -225,9 +225,10 @@ def benchmark_stage(
 
     for name in tasks:
         try:
-            task_spec(name)
+            if name != "humaneval":
+                task_spec(name)
         except KeyError as e:
-            raise ValueError(e.args[0]) from None
+            raise ValueError(e.args[0] + ", humaneval") from None
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
     tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
@@ -238,6 +239,9 @@ def benchmark_stage(
     )
     results: dict[str, Any] = {}
     for name in tasks:
+        if name == "humaneval":
+            results[name] = _humaneval(model, tokenizer, data_dir, limit)
+            continue
         task_path = None
         if data_dir is not None:  # a folder per task; subtasks (mmlu_anatomy) in their group's
             task_path = Path(data_dir) / name
@@ -257,6 +261,24 @@ def benchmark_stage(
     return out
 
 
+def _humaneval(
+    model: Llama, tokenizer: TextTokenizer, data_dir: str | Path | None, limit: int | None
+) -> dict[str, Any]:
+    """pass@1 with greedy completions, each run against its tests in a sandbox."""
+    from lmforge.eval.humaneval import evaluate_humaneval, load_problems
+
+    files = sorted((Path(data_dir) / "humaneval").glob("*.jsonl*")) if data_dir else []
+    problems = load_problems(files[0] if files else None)
+    problems = problems[:limit] if limit is not None else problems
+    cfg = GenerateConfig(max_new_tokens=128, temperature=0.0)
+
+    def complete(prompt: str, n: int) -> list[str]:
+        return [generate_text(model, tokenizer, prompt, cfg)] * n
+
+    result = evaluate_humaneval(complete, problems, n_samples=1, ks=(1,))
+    return {"pass@1": result["pass@1"], "n": result["num_problems"], "num_fewshot": 0}
+
+
 def _averages(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     averages = {}
     for group, names in (("commonsense", COMMONSENSE), ("knowledge", KNOWLEDGE)):
@@ -273,6 +295,9 @@ def benchmark_table(out: dict[str, Any]) -> str:
     """Markdown: one row per task (acc ± stderr, acc_norm ± stderr), then the group averages."""
     lines = ["| task | n | shots | acc | acc_norm | acc_bytes |", "|---|---|---|---|---|---|"]
     for name, r in out["tasks"].items():
+        if "pass@1" in r:
+            lines.append(f"| {name} | {r['n']} | 0 | pass@1 {r['pass@1']:.4f} | | |")
+            continue
         cells = [f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" for m in ("acc", "acc_norm", "acc_bytes")]
         lines.append(f"| {name} | {r['n']} | {r['num_fewshot']} | " + " | ".join(cells) + " |")
     for group, a in out["averages"].items():
