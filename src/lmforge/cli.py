@@ -92,7 +92,9 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
     out = pipeline.benchmark_stage(
         recipe, tasks, args.data_dir, args.num_fewshot, args.limit, args.checkpoint
     )
-    print(pipeline.benchmark_table(out))
+    from lmforge.eval.suite import benchmark_table
+
+    print(benchmark_table(out))
 
 
 def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:

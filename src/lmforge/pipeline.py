@@ -205,12 +205,6 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     return result
 
 
-COMMONSENSE: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "copa", "hellaswag")
-COMMONSENSE += ("openbookqa", "piqa", "sciq", "winogrande")
-KNOWLEDGE = ("mmlu", "cmmlu", "ceval")
-"""The reports' groups: their tables average accuracy over the tasks of a group."""
-
-
 def benchmark_stage(
     recipe: Recipe,
     tasks: list[str],
@@ -219,93 +213,27 @@ def benchmark_stage(
     limit: int | None = None,
     checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Zero/k-shot multiple-choice accuracy per task (lm-eval's formats and metrics)."""
-    from lmforge.eval.multiple_choice import LoglikelihoodScorer, mc_metrics
-    from lmforge.eval.tasks import load_task, task_spec
+    """Benchmarks (`eval --tasks`) on a checkpoint; results in benchmarks.json and .md."""
+    from lmforge.eval.suite import SuiteConfig, benchmark_table, check_task_names, run_suite
 
-    for name in tasks:
-        try:
-            if name != "humaneval":
-                task_spec(name)
-        except KeyError as e:
-            raise ValueError(e.args[0] + ", humaneval") from None
+    check_task_names(tasks)
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
     tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
     device = resolve_device(recipe.train.device)
-    amp = torch.bfloat16 if recipe.train.precision == "bf16" else None
-    scorer = LoglikelihoodScorer(
-        model.to(device), tokenizer.encode, tokenizer.bos_id, trained.packing.seq_len, device, amp
+    cfg = SuiteConfig(
+        tasks=tuple(tasks),
+        data_dir=str(data_dir) if data_dir is not None else None,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        max_length=trained.packing.seq_len,
+        bf16=recipe.train.precision == "bf16",
     )
-    results: dict[str, Any] = {}
-    for name in tasks:
-        if name == "humaneval":
-            results[name] = _humaneval(model, tokenizer, data_dir, limit)
-            continue
-        task_path = None
-        if data_dir is not None:  # a folder per task; subtasks (mmlu_anatomy) in their group's
-            task_path = Path(data_dir) / name
-            if not task_path.exists():
-                task_path = Path(data_dir) / task_spec(name).kind
-        task = load_task(name, task_path, num_fewshot=num_fewshot, limit=limit)
-        scores = scorer.score(task.requests, desc=name)
-        results[name] = {
-            **mc_metrics(task.requests, scores),
-            "num_fewshot": task.num_fewshot,
-            "n": len(task.requests),
-        }
-    out = {"checkpoint": str(path), "tasks": results, "averages": _averages(results)}
+    out = {"checkpoint": str(path), **run_suite(model.to(device), tokenizer, device, cfg)}
     paths = RunPaths(recipe.run_dir)
     (paths.root / "benchmarks.json").write_text(json.dumps(out, indent=2))
     (paths.root / "benchmarks.md").write_text(benchmark_table(out) + "\n")
     return out
-
-
-def _humaneval(
-    model: Llama, tokenizer: TextTokenizer, data_dir: str | Path | None, limit: int | None
-) -> dict[str, Any]:
-    """pass@1 with greedy completions, each run against its tests in a sandbox."""
-    from lmforge.eval.humaneval import evaluate_humaneval, load_problems
-
-    files = sorted((Path(data_dir) / "humaneval").glob("*.jsonl*")) if data_dir else []
-    problems = load_problems(files[0] if files else None)
-    problems = problems[:limit] if limit is not None else problems
-    cfg = GenerateConfig(max_new_tokens=128, temperature=0.0)
-
-    def complete(prompt: str, n: int) -> list[str]:
-        return [generate_text(model, tokenizer, prompt, cfg)] * n
-
-    result = evaluate_humaneval(complete, problems, n_samples=1, ks=(1,))
-    return {"pass@1": result["pass@1"], "n": result["num_problems"], "num_fewshot": 0}
-
-
-def _averages(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    averages = {}
-    for group, names in (("commonsense", COMMONSENSE), ("knowledge", KNOWLEDGE)):
-        present = [results[n] for n in names if n in results]
-        if present:
-            averages[group] = {
-                metric: sum(r[metric] for r in present) / len(present)
-                for metric in ("acc", "acc_norm")
-            } | {"tasks": len(present)}
-    return averages
-
-
-def benchmark_table(out: dict[str, Any]) -> str:
-    """Markdown: one row per task (acc ± stderr, acc_norm ± stderr), then the group averages."""
-    lines = ["| task | n | shots | acc | acc_norm | acc_bytes |", "|---|---|---|---|---|---|"]
-    for name, r in out["tasks"].items():
-        if "pass@1" in r:
-            lines.append(f"| {name} | {r['n']} | 0 | pass@1 {r['pass@1']:.4f} | | |")
-            continue
-        cells = [f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" for m in ("acc", "acc_norm", "acc_bytes")]
-        lines.append(f"| {name} | {r['n']} | {r['num_fewshot']} | " + " | ".join(cells) + " |")
-    for group, a in out["averages"].items():
-        lines.append(
-            f"| **{group} average** ({a['tasks']} tasks) | | | {a['acc']:.4f} |"
-            f" {a['acc_norm']:.4f} | |"
-        )
-    return "\n".join(lines)
 
 
 def generate_stage(
