@@ -5,24 +5,27 @@ before cleaning, / wall seconds (1 MB = 10^6 bytes); the same numerator for ever
 
 - raw, tokenizers threads: `TextTokenizer.encode_batch` over the documents already in memory, in
   the pipeline's batches (per source, `batch_docs` each), TOKENIZERS_PARALLELISM=true;
-- raw, 1 thread: the same with TOKENIZERS_PARALLELISM=false (what one pipeline worker does);
-- raw, W processes x 1 thread: the batches encoded by a spawned pool that already holds the text
-  (only batch indices and token counts cross processes): the pipeline's parallel design, no work;
+- raw, W processes x 1 thread: the same batches encoded by a spawned pool whose workers already
+  hold the text and run tokenizers single-threaded, as pipeline workers do; only batch indices go
+  out and (tokens, CPU seconds) come back, so it is the pipeline's parallel design doing no other
+  work, and it yields each batch's 1-thread encode CPU time;
 - end-to-end `tokenize_corpus(DataConfig(sources=..., workers=W), tok, out)` for W = 1 (in-process,
-  tokenizers threads) and W = cores (spawned workers, 1 thread each), default cleaning and exact
-  dedup; then W = cores with MinHash near-dedup, and with on_error="skip".
+  tokenizers threads) and W = cores (spawned workers), default cleaning and exact dedup; then
+  W = cores with MinHash near-dedup, and with on_error="skip".
 
-Repeats take turns (round-robin, order rotated each round) so drifts of the noisy VM hit every
-variant alike; "other CPU" is the share of all CPUs used by processes outside this benchmark.
-A stage breakdown (manual timers, no profiler overhead) replays each step of the pipeline with
-lmforge's own functions on the same documents, and checks that the sum matches the W = 1 run.
-It reaches into private helpers of lmforge.data.tokenize (`_process`, `_init_worker`,
-`_Workers`) on purpose: they are exactly what a worker runs.
+Runs take turns (round-robin, order rotated each round) so drifts of the shared VM hit every
+variant alike; "other CPU" is the share of all CPUs used meanwhile by processes outside this
+benchmark. Then a stage breakdown (manual timers, no profiler overhead) replays each step of the
+pipeline with lmforge's own functions on the same documents and compares the sum with the W = 1
+run; for W > 1 it adds pickling, pool start-up, and a schedule of the measured per-batch encode
+times on the workers. It reaches into private parts of lmforge.data.tokenize (`_Workers`, `_Doc`,
+`_batches`) on purpose: they are what a run uses.
 
-    python benchmarks/data_throughput.py                        # ~20 MB real mix, ~3 min on 2 cores
-    python benchmarks/data_throughput.py --max-mb 4 --repeats 1 # quick look
-    python benchmarks/data_throughput.py --tokenizer out/tokenizer.json --cprofile
-    PYTHONPATH=/path/with/tiktoken python benchmarks/data_throughput.py --tiktoken
+    python benchmarks/data_throughput.py                 # ~12 MB real mix, ~3 min on 2 cores
+    python benchmarks/data_throughput.py --max-mb 20     # ~20 MB, ~5 min
+    python benchmarks/data_throughput.py --max-mb 3 --repeats 1 --cprofile   # quick look
+    python benchmarks/data_throughput.py --tokenizer out/tokenizer.json
+    PYTHONPATH=/dir/with/tiktoken python benchmarks/data_throughput.py --tiktoken
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import cProfile
 import gzip
 import hashlib
+import heapq
 import itertools
 import json
 import logging
@@ -49,17 +53,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lmforge.data import tokenize as tokenize_mod
 from lmforge.data.clean import clean
 from lmforge.data.dedup import DedupConfig, Deduplicator, signature
-from lmforge.data.shards import write_shard
+from lmforge.data.shards import open_shard, write_shard
 from lmforge.data.sources import SourceConfig, read_documents, resolve_files
-from lmforge.data.tokenize import DataConfig, split_of, tokenize_corpus
+from lmforge.data.tokenize import DataConfig, read_manifest, split_of, tokenize_corpus
 from lmforge.data.tokenizer import TextTokenizer, TokenizerConfig, sample_sources, train_tokenizer
 
+T = TypeVar("T")
 CORES = os.cpu_count() or 1
 CORPUS: tuple[tuple[str, str, str, float], ...] = (
     # (source name, group, path under --corpus-root, share of --max-mb)
@@ -97,8 +103,14 @@ class Corpus:
         return sum(len(t.encode("utf-8")) for d in self.docs.values() for t in d)
 
     def batches(self, size: int) -> list[list[str]]:
-        """The pipeline's batches: per source, in order, `size` documents each."""
-        return [b for d in self.docs.values() for b in _chunks(d, size)]
+        """The pipeline's batches: per source, in order, at most `size` documents and (past
+        the first document) about 1 MB each, cut by the pipeline's own function."""
+        cap = tokenize_mod._BATCH_BYTES
+        return [
+            list(map(str, b))
+            for d in self.docs.values()
+            for b in tokenize_mod._batches(d, size, cap)
+        ]
 
 
 def load_corpus(root: Path, max_mb: float) -> Corpus:
@@ -133,20 +145,6 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus) -> tuple[TextTokeniz
     return tok, f"trained on {args.train_mb:g} MB (equal shares {list(streams)}) in {took:.1f} s"
 
 
-@contextlib.contextmanager
-def tokenizers_parallelism(on: bool) -> Iterator[None]:
-    """tokenizers reads TOKENIZERS_PARALLELISM at each call, so this switches its thread pool."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if on else "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
 # ---------------------------------------------------------------------------------------------
 # CPU used by other processes (the VM is shared)
 
@@ -168,17 +166,21 @@ class CpuMeter:
                 total += c.user + c.system
         return total
 
-    def _busy(self) -> float:
+    def _busy(self) -> tuple[float, float]:
         t = self.psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq
+        return t.user + t.nice + t.system + t.irq + t.softirq, getattr(t, "steal", 0.0)
 
     def start(self) -> None:
-        self.t0, self.mine0, self.busy0 = time.monotonic(), self._mine(), self._busy()
+        self.t0, self.mine0 = time.monotonic(), self._mine()
+        self.busy0, self.steal0 = self._busy()
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float, float]:
+        """(share of all CPUs used by other processes, stolen by the hypervisor; our CPU s)."""
         wall = (time.monotonic() - self.t0) * CORES
-        other = self._busy() - self.busy0 - (self._mine() - self.mine0)
-        return max(other, 0.0) / wall
+        mine = self._mine() - self.mine0
+        busy, steal = self._busy()
+        other = max(busy - self.busy0 - mine, 0.0) / wall
+        return other, (steal - self.steal0) / wall, mine
 
 
 def wait_quiet(budget: list[float]) -> None:
@@ -199,14 +201,14 @@ def wait_quiet(budget: list[float]) -> None:
 # variants: each call returns (wall seconds, tokens produced)
 
 
-def raw_encode(tok: TextTokenizer, batches: list[list[str]], threads: bool) -> tuple[float, int]:
-    with tokenizers_parallelism(threads):
-        t0 = time.perf_counter()
-        tokens = sum(len(ids) for b in batches for ids in tok.encode_batch(b))
-        return time.perf_counter() - t0, tokens
+def raw_encode(tok: TextTokenizer, batches: list[list[str]]) -> tuple[float, int]:
+    """encode_batch per batch, with tokenizers' own threads (main sets TOKENIZERS_PARALLELISM)."""
+    t0 = time.perf_counter()
+    tokens = sum(len(ids) for b in batches for ids in tok.encode_batch(b))
+    return time.perf_counter() - t0, tokens
 
 
-_raw: dict[str, object] = {}
+_raw: dict[str, Any] = {}
 
 
 def _raw_init(tokenizer_json: str, batches: list[list[str]]) -> None:
@@ -216,12 +218,15 @@ def _raw_init(tokenizer_json: str, batches: list[list[str]]) -> None:
     _raw.update(tok=TextTokenizer(Tokenizer.from_str(tokenizer_json)), batches=batches)
 
 
-def _raw_batch(i: int) -> int:
+def _raw_batch(i: int) -> tuple[int, float]:
+    """(tokens, CPU seconds) of encoding batch `i` in this worker, on one thread."""
     if i < 0:  # warm-up task: makes the pool start (and initialize) every worker
         time.sleep(0.3)
-        return 0
+        return 0, 0.0
     tok, batches = _raw["tok"], _raw["batches"]
-    return sum(len(ids) for ids in tok.encode_batch(batches[i]))  # type: ignore[attr-defined,index]
+    t0 = time.process_time()
+    tokens = sum(len(ids) for ids in tok.encode_batch(batches[i]))
+    return tokens, time.process_time() - t0
 
 
 class RawPool:
@@ -229,6 +234,7 @@ class RawPool:
 
     def __init__(self, tok: TextTokenizer, batches: list[list[str]], workers: int) -> None:
         self.n = len(batches)
+        self.cpu: list[list[float]] = []  # per run: CPU seconds of each batch
         self.pool = ProcessPoolExecutor(
             workers,
             mp_context=get_context("spawn"),
@@ -239,47 +245,74 @@ class RawPool:
 
     def run(self) -> tuple[float, int]:
         t0 = time.perf_counter()
-        tokens = sum(self.pool.map(_raw_batch, range(self.n)))
-        return time.perf_counter() - t0, tokens
+        out = list(self.pool.map(_raw_batch, range(self.n)))
+        took = time.perf_counter() - t0
+        self.cpu.append([c for _, c in out])
+        return took, sum(n for n, _ in out)
+
+    def batch_cpu(self) -> list[float]:
+        """1-thread encode CPU seconds of each batch (median over runs)."""
+        return [statistics.median(runs) for runs in zip(*self.cpu, strict=True)]
 
     def close(self) -> None:
         self.pool.shutdown()
 
 
-def end_to_end(cfg: DataConfig, tok: TextTokenizer, work: Path) -> tuple[float, int]:
-    out = work / "shards"
+def makespan(times: list[float], workers: int) -> float:
+    """Wall time of running `times` in order, each on the worker that frees up first."""
+    free = [0.0] * workers
+    for t in times:
+        heapq.heapreplace(free, free[0] + t)
+    return max(free)
+
+
+def end_to_end(cfg: DataConfig, tok: TextTokenizer, out: Path) -> tuple[float, int]:
+    """One timed tokenize_corpus into `out` (emptied first, untimed; the output is kept)."""
+    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     manifest = tokenize_corpus(cfg, tok, out)
     took = time.perf_counter() - t0
-    shutil.rmtree(out)
     return took, sum(manifest["splits"][s]["tokens"] for s in ("train", "val"))
+
+
+RAW = "raw, tokenizers threads"
+E2E1 = "e2e W=1 (in-process, tokenizers threads)"
 
 
 @dataclass
 class Variant:
     name: str
-    kind: str  # raw | e2e
     run: Callable[[], tuple[float, int]]
+    repeats: int
     times: list[float] = field(default_factory=list)
     tokens: int = 0
     other: list[float] = field(default_factory=list)
+    steal: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
 
 
-def measure(variants: list[Variant], repeats: int, quiet_wait: float) -> None:
+def measure(variants: list[Variant], quiet_wait: float) -> None:
+    """Round-robin over the variants (order rotated each round) until each has its repeats."""
     meter, budget = CpuMeter(), [quiet_wait]
-    for r in range(repeats):
+    rounds = max(v.repeats for v in variants)
+    for r in range(rounds):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:
+            if len(v.times) >= v.repeats:
+                continue
             wait_quiet(budget)
             meter.start()
             took, v.tokens = v.run()
-            v.other.append(meter.stop())
+            other, steal, cpu = meter.stop()
             v.times.append(took)
-            print(f"  round {r + 1}/{repeats}  {v.name:44s} {took:6.2f} s", flush=True)
+            v.other.append(other)
+            v.steal.append(steal)
+            v.cpu.append(cpu)
+            print(f"  round {r + 1}/{rounds}  {v.name:44s} {took:6.2f} s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,14 +350,43 @@ def _raw_items(source: SourceConfig, n: int) -> list[tuple[bytes, bool]]:
 READ = "read: all (read_documents)"
 READ_PARTS = ("read: file read + gunzip + line split", "read: UTF-8 decode + json.loads")
 GLUE = "read: reader bookkeeping (checks, generators)"
-ENC1 = "(1-thread encode, for W>1)"
+ENC2 = "encode_batch, tokenizers threads (= raw)"
+
+
+PICKLE_OUT = "pickle texts out + unpickle in worker"
+PICKLE_BACK = "pickle results back + unpickle in parent"
+SPAWN = "spawn + import + init of the worker pool"
+WORKER_STEPS = (
+    "clean (NFC, control chars)",
+    "signature (blake2b, exact)",
+    "split hash + UTF-8 length",
+    "ids -> numpy uint32",
+)
+MAIN_STEPS = (
+    READ,
+    "dedup check (main process)",
+    "write_shard",
+    "sha256 of shards",
+    "restart points (pickle dedup state)",
+)
 
 
 def stage_profile(
-    corpus: Corpus, tok: TextTokenizer, cfg: DataConfig, raw2: float, raw1: float, work: Path
-) -> dict[str, float]:
-    """Seconds per pipeline step over the whole corpus, in-process, one step at a time."""
-    sw = Stopwatch()
+    corpus: Corpus,
+    tok: TextTokenizer,
+    cfg: DataConfig,
+    encode_s: float,
+    shards: Path,
+    work: Path,
+    workers: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per pipeline step over the whole corpus, in-process, one step at a time.
+
+    `encode_s` = raw encode seconds (tokenizers threads), measured before; `shards` is the
+    output of an end-to-end run, whose token ids feed the numpy and writing steps.
+    Returns the steps of a W=1 run, and what W > 1 adds.
+    """
+    sw, extra = Stopwatch(), Stopwatch()
     with sw(READ):
         for src in corpus.sources:
             list(read_documents(src))
@@ -346,62 +408,51 @@ def stage_profile(
     with sw("split hash + UTF-8 length"):
         for text in kept:
             split_of(text, cfg.heldout_fraction), len(text.encode("utf-8"))
-    sw.s["encode_batch, tokenizers threads (= raw)"] = raw2
-    per_source = [
-        [ids for b in _chunks(d, cfg.batch_docs) for ids in tok.encode_batch(b)]
-        for d in corpus.docs.values()
-    ]
+    sw.s[ENC2] = encode_s
+
+    names = read_manifest(shards)["shards"]
+    opened = [open_shard(shards / n) for n in names]
+    lists = [[s.document(i).tolist() for i in range(s.num_docs)] for s in opened]
     with sw("ids -> numpy uint32"):
-        arrays = [[np.asarray(ids, dtype=np.uint32) for ids in d] for d in per_source]
+        arrays = [[np.asarray(ids, dtype=np.uint32) for ids in d] for d in lists]
     dedup = Deduplicator(cfg.dedup)
     with sw("dedup check (main process)"):
         for i, sig in enumerate(sigs):
             dedup.check(str(i), sig)
-    shard_dir = work / "profile"
-    shard_dir.mkdir(exist_ok=True)
+    out = work / "profile"
+    out.mkdir(exist_ok=True)
     with sw("write_shard"):
-        for i, a in enumerate(arrays):
-            sizes = [len(x) for x in a]
-            write_shard(shard_dir / f"{i}.bin", a, sizes, tok.vocab_size, tok.sha256)
+        for name, shard, a in zip(names, opened, arrays, strict=True):
+            write_shard(out / name, a, shard.doc_bytes.tolist(), tok.vocab_size, tok.sha256)
     with sw("sha256 of shards"):
-        for path in shard_dir.iterdir():
-            with open(path, "rb") as f:
-                hashlib.file_digest(f, "sha256")
+        for name in names:
+            h = hashlib.sha256()
+            with open(out / name, "rb") as f:
+                while chunk := f.read(1 << 20):  # as lmforge.data.tokenize._sha256 reads
+                    h.update(chunk)
     with sw("restart points (pickle dedup state)"):
         for _ in corpus.sources[1:]:
             pickle.dumps(dedup)
-    shutil.rmtree(shard_dir)
-    sw.s[ENC1] = raw1
-    return sw.s
+    shutil.rmtree(out)
 
-
-def _chunks(docs: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(docs), size):
-        yield docs[i : i + size]
-
-
-PROCESS = "worker _process, 1 thread (clean+sign+split+encode+numpy)"
-PICKLE_OUT = "pickle texts out + unpickle in worker"
-PICKLE_BACK = "pickle results back + unpickle in parent"
-SPAWN = "spawn + import + init of the worker pool"
-
-
-def ipc_and_worker_cost(corpus: Corpus, tok: TextTokenizer, cfg: DataConfig) -> dict[str, float]:
-    """What W > 1 adds: pickling batches out and results back, worker start, per-batch work."""
-    sw = Stopwatch()
-    tokenize_mod._init_worker(cfg.clean, cfg.dedup, cfg.heldout_fraction, None, tok)
     batches = corpus.batches(cfg.batch_docs)
-    with tokenizers_parallelism(False), sw(PROCESS):
-        results = [tokenize_mod._process(b) for b in batches]
-    with sw(PICKLE_OUT):
+    with extra(PICKLE_OUT):
         for b in batches:
             pickle.loads(pickle.dumps(b))
-    with sw(PICKLE_BACK):
-        for r in results:
+    # What workers send back: a _Doc per document (here with the ids the run produced).
+    ids = itertools.chain(*arrays)
+    results = [tokenize_mod._Doc(1, "train", None, g, a) for a, g in zip(ids, sigs, strict=False)]
+    with extra(PICKLE_BACK):
+        for r in _chunks(results, cfg.batch_docs):
             pickle.loads(pickle.dumps(r))
-    with sw(SPAWN), tokenize_mod._Workers(cfg, tok) as w:
-        list(w.map([["warm up"]] * cfg.workers))
-    return sw.s
+    with extra(SPAWN), tokenize_mod._Workers(replace(cfg, workers=workers), tok) as w:
+        list(w.map([(0, ["warm up"])] * workers))
+    return sw.s, extra.s
+
+
+def _chunks(docs: list[T], size: int) -> Iterator[list[T]]:
+    for i in range(0, len(docs), size):
+        yield docs[i : i + size]
 
 
 def cprofile_top(cfg: DataConfig, tok: TextTokenizer, work: Path, n: int = 25) -> None:
@@ -431,12 +482,18 @@ def _byte_of_char() -> dict[str, int]:
     return table
 
 
-def tiktoken_compare(tok: TextTokenizer, batches: list[list[str]], repeats: int) -> list[str]:
-    """Encode the same batches with tiktoken built from our vocabulary; rows for the report."""
+def tiktoken_compare(
+    tok: TextTokenizer, batches: list[list[str]], repeats: int
+) -> tuple[str, list[tuple[str, float, int]]]:
+    """Encode the same batches with tiktoken built from our vocabulary and split pattern.
+
+    Our BPE was trained with ids in merge order, so tiktoken's ranks are the ids themselves.
+    Returns a note (version, agreement with tokenizers) and (name, median s, tokens) rows.
+    """
     try:
         import tiktoken
     except ImportError:
-        return ["tiktoken: not installed (put it on PYTHONPATH to compare)"]
+        return "tiktoken: not installed (put it on PYTHONPATH to compare)", []
     from lmforge.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
 
     inv = _byte_of_char()
@@ -448,135 +505,127 @@ def tiktoken_compare(tok: TextTokenizer, batches: list[list[str]], repeats: int)
     )
     sample = [t for b in batches[:: max(1, len(batches) // 40)] for t in b[:8]]
     same = sum(enc.encode_ordinary(t) == tok.encode(t) for t in sample)
-    rows = [f"tiktoken {tiktoken.__version__}: identical ids on {same}/{len(sample)} sampled docs"]
+    note = f"tiktoken {tiktoken.__version__}: identical ids on {same}/{len(sample)} sampled docs"
+    rows = []
     for threads in (CORES, 1):
-        times = []
+        times, tokens = [], 0
         for _ in range(repeats):
             t0 = time.perf_counter()
             tokens = sum(
                 len(x) for b in batches for x in enc.encode_ordinary_batch(b, num_threads=threads)
             )
             times.append(time.perf_counter() - t0)
-        rows.append(f"tiktoken, {threads} thread(s)|{statistics.median(times):.2f}|{tokens}")
-    return rows
+        rows.append((f"tiktoken, {threads} thread(s)", statistics.median(times), tokens))
+    return note, rows
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
 
-def report(variants: list[Variant], corpus: Corpus, args: argparse.Namespace) -> None:
+def report(variants: list[Variant], corpus: Corpus) -> None:
     nbytes = corpus.num_bytes
-    raw = next(v for v in variants if v.name.startswith("raw, tokenizers threads"))
-    head = ["variant", "s (median)", "s (min)", "MB/s", "tokens/s", "e2e / raw", "other CPU"]
-    print("\n| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    raw = next(v for v in variants if v.name == RAW)
+    raw_cpu = statistics.median(raw.cpu)
+    head = ["variant", "s (median)", "s (min)", "MB/s", "tokens/s", "vs raw", "CPU s", "vs raw CPU"]
+    print("\n| " + " | ".join([*head, "other CPU (steal)"]) + " |")
+    print("|" + "---|" * (len(head) + 1))
     for v in variants:
-        ratio = raw.median / v.median
+        cpu = statistics.median(v.cpu)
         print(
             f"| {v.name} | {v.median:.2f} | {min(v.times):.2f} | {nbytes / v.median / 1e6:.2f} | "
-            f"{v.tokens / v.median:,.0f} | {ratio:.2f} | {100 * statistics.mean(v.other):.0f}% |"
+            f"{v.tokens / v.median:,.0f} | {raw.median / v.median:.2f} | {cpu:.1f} | "
+            f"{raw_cpu / cpu:.2f} | {100 * statistics.mean(v.other):.0f}% "
+            f"({100 * statistics.mean(v.steal):.0f}%) |"
         )
     print(
         f"\nMB = 10^6 UTF-8 bytes of the documents as read ({nbytes / 1e6:.2f} MB, "
-        f"{sum(map(len, corpus.docs.values())):,} docs); e2e / raw = raw wall / this wall "
-        f"(target ≥ 0.90); {len(raw.times)} repeats, median."
+        f"{sum(map(len, corpus.docs.values())):,} docs); vs raw = raw (tokenizers threads) "
+        "seconds / this row's seconds (target for e2e: ≥ 0.90); CPU s = CPU time of this "
+        "benchmark's processes (workers included), steadier than wall time on a shared VM; "
+        "other CPU = share of all CPUs used by other processes meanwhile (steal: taken by the "
+        "hypervisor); medians of the repeats."
     )
 
 
 def report_stages(
-    stages: dict[str, float], ipc: dict[str, float], e2e1: float, e2e_w: float, nbytes: int
+    stages: dict[str, float],
+    extra: dict[str, float],
+    e2e1: float,
+    e2e_w: float,
+    corpus: Corpus,
+    workers: int,
+    batch_cpu: list[float],
+    batch_docs: int,
 ) -> None:
-    """The step table (W=1 view), then the W>1 extras and a CPU-bound estimate for W=cores."""
-    parts = {*READ_PARTS, GLUE, ENC1}
+    """The step table (W=1 view), then what W > 1 adds and a best case for it."""
+    parts = {*READ_PARTS, GLUE}
     total = sum(t for k, t in stages.items() if k not in parts)
     print("\n### Where the time goes (in-process, one step at a time, whole corpus)\n")
     print("| step | s | MB/s | share of e2e W=1 |")
     print("|---|---|---|---|")
     for k, t in stages.items():
-        name = f"&nbsp;&nbsp;{k}" if k in parts - {ENC1} else k
-        mbs = f"{nbytes / t / 1e6:.1f}" if t > 0 else "-"
+        name = f"&nbsp;&nbsp;{k}" if k in parts else k
+        mbs = f"{corpus.num_bytes / t / 1e6:.1f}" if t > 0 else "-"
         print(f"| {name} | {t:.2f} | {mbs} | {100 * t / e2e1:.0f}% |")
     print(
-        f"| **sum of steps (without the indented parts and the 1-thread row)** | **{total:.2f}**"
-        f" | | **{100 * total / e2e1:.0f}%** |"
+        f"| **sum of the steps (not indented)** | **{total:.2f}** | | "
+        f"**{100 * total / e2e1:.0f}%** |"
     )
     print(f"| measured e2e W=1 (median) | {e2e1:.2f} | | 100% |")
     print(
-        f"| difference (pipeline glue) | {e2e1 - total:.2f} | | "
+        f"| difference (pipeline glue, noise) | {e2e1 - total:.2f} | | "
         f"{100 * (e2e1 - total) / e2e1:.0f}% |"
     )
-    print("\n### Extra for W > 1 (spawned workers, 1 thread each)\n")
+
+    print(f"\n### What W={workers} adds (spawned workers, 1 thread each)\n")
     print("| step | s |\n|---|---|")
-    for k, t in ipc.items():
+    for k, t in extra.items():
         print(f"| {k} | {t:.2f} |")
-    main_steps = (
-        READ,
-        "dedup check (main process)",
-        "write_shard",
-        "sha256 of shards",
-        "restart points (pickle dedup state)",
-    )
-    ipc_half = (
-        ipc[PICKLE_OUT] + ipc[PICKLE_BACK]
-    ) / 2  # roughly: dumps on one side, loads on other
-    parent = sum(stages[k] for k in main_steps) + ipc_half
-    worker = ipc[PROCESS] + ipc_half
-    bound = max(parent, (parent + worker) / CORES) + ipc[SPAWN]
+    encode1 = sum(batch_cpu)
+    flowing = makespan(batch_cpu, workers)  # batches stream across sources, as the pipeline does
+    half = (extra[PICKLE_OUT] + extra[PICKLE_BACK]) / 2  # dumps on one side, loads on the other
+    parent = sum(stages[k] for k in MAIN_STEPS) + half
+    worker = sum(stages[k] for k in WORKER_STEPS) + encode1 + half
+    cores = min(workers, CORES)
+    best = max(parent, (parent + worker) / cores, flowing) + extra[SPAWN]
     print(
-        f"\nW={CORES}: main process {parent:.2f} s serial + workers {worker:.2f} s of CPU "
-        f"(1-thread encode alone {stages[ENC1]:.2f} s) on {CORES} cores + pool start → "
-        f"≥ {bound:.2f} s if perfectly overlapped (measured {e2e_w:.2f} s).\n"
-        f"CPU-bound ceiling of e2e / raw at W={CORES} ≈ encode CPU / all CPU = "
-        f"{stages[ENC1]:.2f} / {parent + worker:.2f} = {stages[ENC1] / (parent + worker):.2f} "
-        "(if raw's threads scale like processes)"
+        f"\n1-thread encode: {encode1:.2f} CPU s over {len(batch_cpu)} batches (largest "
+        f"{max(batch_cpu):.2f} s). On {workers} workers: {flowing:.2f} s as scheduled."
+        f"\nMain process {parent:.2f} s serial; workers {worker:.2f} CPU s in all; pool start "
+        f"{extra[SPAWN]:.2f} s → best case {best:.2f} s on {cores} cores (measured {e2e_w:.2f} s)."
+        f"\nEncode share of all CPU work: {encode1:.2f} / {parent + worker:.2f} = "
+        f"{encode1 / (parent + worker):.2f}: the most e2e / raw can reach while CPU-bound."
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    repo = Path(__file__).resolve().parent.parent
-    ap.add_argument(
-        "--corpus-root",
-        type=Path,
-        default=repo.parent / "shared/data/corpus",
-        help="folder of the real corpora; missing = built-in corpora",
-    )
-    ap.add_argument("--max-mb", type=float, default=20.0, help="total text to read (10^6 bytes)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training")
-    ap.add_argument("--vocab-size", type=int, default=32_000, help="vocab of the trained tokenizer")
-    ap.add_argument("--train-mb", type=float, default=4.0, help="tokenizer training sample (MB)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
-    ap.add_argument("--workers", type=int, default=CORES, help="W of the parallel e2e runs")
-    ap.add_argument("--no-near", action="store_true", help="skip the near-dedup e2e variant")
-    ap.add_argument("--no-skip", action="store_true", help="skip the on_error=skip variant")
-    ap.add_argument("--no-profile", action="store_true", help="skip the stage breakdown")
-    ap.add_argument("--cprofile", action="store_true", help="also cProfile one W=1 e2e run")
-    ap.add_argument("--tiktoken", action="store_true", help="also time tiktoken on our vocab")
-    ap.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=0.0,
-        help="seconds in all to wait, before runs, for other processes to go idle",
-    )
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+def report_tiktoken(
+    tok: TextTokenizer,
+    batches: list[list[str]],
+    raw: Variant,
+    cpu1: float,
+    nbytes: int,
+    repeats: int,
+) -> None:
+    print("\n### tiktoken on the same vocabulary, split pattern and batches\n")
+    note, rows = tiktoken_compare(tok, batches, repeats)
+    rows = [
+        (f"tokenizers, {raw.name[5:]}", raw.median, raw.tokens),
+        ("tokenizers, 1 thread (CPU s summed over batches)", cpu1, raw.tokens),
+        *rows,
+    ]
+    print(f"{note}\n\n| backend | s (median) | MB/s | tokens |\n|---|---|---|---|")
+    for name, sec, tokens in rows:
+        print(f"| {name} | {sec:.2f} | {nbytes / sec / 1e6:.2f} | {tokens:,} |")
 
-    t_start = time.perf_counter()
-    corpus = load_corpus(args.corpus_root, args.max_mb)
-    tok, how = get_tokenizer(args, corpus)
-    cfg = DataConfig(sources=corpus.sources, workers=1)
-    batches = corpus.batches(cfg.batch_docs)
+
+def describe(corpus: Corpus, tok: TextTokenizer, how: str, num_batches: int) -> None:
     import tokenizers
 
+    docs = sum(map(len, corpus.docs.values()))
     print(
-        f"{corpus.origin}: {corpus.num_bytes / 1e6:.2f} MB in "
-        f"{sum(map(len, corpus.docs.values())):,} docs, {len(batches)} batches of ≤ "
-        f"{cfg.batch_docs}; {CORES} CPUs; tokenizers {tokenizers.__version__}"
+        f"{corpus.origin}: {corpus.num_bytes / 1e6:.2f} MB in {docs:,} docs, {num_batches} "
+        f"batches; {CORES} CPUs; tokenizers {tokenizers.__version__}"
     )
     for s in corpus.sources:
         d = corpus.docs[s.name]
@@ -587,74 +636,117 @@ def main() -> None:
         )
     print(f"tokenizer: vocab {tok.vocab_size:,}, {how}", flush=True)
 
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    repo = Path(__file__).resolve().parent.parent
+    ap.add_argument(
+        "--corpus-root",
+        type=Path,
+        default=repo.parent / "shared/data/corpus",
+        help="folder of the real corpora; missing = built-in corpora",
+    )
+    ap.add_argument(
+        "--max-mb",
+        type=float,
+        default=10.0,
+        help="text to read, about (a .txt file is one document, read whole); 20 takes ~5 min",
+    )
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of training")
+    ap.add_argument("--vocab-size", type=int, default=32_000, help="vocab of the trained tokenizer")
+    ap.add_argument("--train-mb", type=float, default=4.0, help="tokenizer training sample (MB)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed runs (median) of raw and e2e W=1, W=cores"
+    )
+    ap.add_argument(
+        "--extra-repeats",
+        type=int,
+        default=1,
+        help="timed runs of the reference variants (raw W processes, near-dedup, skip)",
+    )
+    ap.add_argument("--workers", type=int, default=CORES, help="W of the parallel e2e runs")
+    ap.add_argument("--no-near", action="store_true", help="leave out the near-dedup variant")
+    ap.add_argument("--no-skip", action="store_true", help="leave out the on_error=skip variant")
+    ap.add_argument("--no-profile", action="store_true", help="leave out the stage breakdown")
+    ap.add_argument("--cprofile", action="store_true", help="also cProfile one W=1 e2e run")
+    ap.add_argument("--tiktoken", action="store_true", help="also time tiktoken on our vocab")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="seconds in all to wait, before runs, for other processes to go idle",
+    )
+    return ap.parse_args()
+
+
+def build_variants(
+    args: argparse.Namespace,
+    tok: TextTokenizer,
+    cfg: DataConfig,
+    batches: list[list[str]],
+    pool: RawPool,
+    work: Path,
+) -> list[Variant]:
+    """The variants in table order; e2e runs keep their output in `work/<name>`."""
+    w, n, x = args.workers, args.repeats, args.extra_repeats
+
+    def e2e(c: DataConfig, name: str) -> Callable[[], tuple[float, int]]:
+        return lambda: end_to_end(c, tok, work / name)
+
+    variants = [
+        Variant(RAW, lambda: raw_encode(tok, batches), n),
+        Variant(f"raw, {w} processes x 1 thread", pool.run, x),
+        Variant(E2E1, e2e(cfg, "w1"), n),
+        Variant(f"e2e W={w}", e2e(replace(cfg, workers=w), "wn"), n),
+    ]
+    if not args.no_near:
+        near = replace(cfg, workers=w, dedup=DedupConfig(near=True))
+        variants.append(Variant(f"e2e W={w}, near-dedup (MinHash)", e2e(near, "near"), x))
+    if not args.no_skip:
+        skip = replace(cfg, workers=w, on_error="skip")
+        variants.append(Variant(f"e2e W={w}, on_error=skip", e2e(skip, "skip"), x))
+    return variants
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    t_start = time.perf_counter()
+    corpus = load_corpus(args.corpus_root, args.max_mb)
+    tok, how = get_tokenizer(args, corpus)
+    cfg = DataConfig(sources=corpus.sources, workers=1)
+    batches = corpus.batches(cfg.batch_docs)
+    describe(corpus, tok, how, len(batches))
+
     work = Path(tempfile.mkdtemp(prefix="lmforge-data-bench-"))
-    W = args.workers
-    pool = RawPool(tok, batches, W)
+    pool = RawPool(tok, batches, args.workers)
     try:
-        variants = [
-            Variant("raw, tokenizers threads", "raw", lambda: raw_encode(tok, batches, True)),
-            Variant("raw, 1 thread", "raw", lambda: raw_encode(tok, batches, False)),
-            Variant(f"raw, {W} processes x 1 thread", "raw", pool.run),
-            Variant(
-                "e2e W=1 (in-process, tokenizers threads)",
-                "e2e",
-                lambda: end_to_end(cfg, tok, work),
-            ),
-            Variant(f"e2e W={W}", "e2e", lambda: end_to_end(replace(cfg, workers=W), tok, work)),
-        ]
-        if not args.no_near:
-            near = replace(cfg, workers=W, dedup=DedupConfig(near=True))
-            variants.append(
-                Variant(
-                    f"e2e W={W}, near-dedup (MinHash)", "e2e", lambda: end_to_end(near, tok, work)
-                )
-            )
-        if not args.no_skip:
-            skip = replace(cfg, workers=W, on_error="skip")
-            variants.append(
-                Variant(f"e2e W={W}, on_error=skip", "e2e", lambda: end_to_end(skip, tok, work))
-            )
-        print(f"\n== {len(variants)} variants x {args.repeats} repeats, taking turns", flush=True)
-        measure(variants, args.repeats, args.quiet_wait)
+        variants = build_variants(args, tok, cfg, batches, pool, work)
+        print(f"\n== {len(variants)} variants, taking turns", flush=True)
+        measure(variants, args.quiet_wait)
+        pool.close()
+        report(variants, corpus)
+        by = {v.name: v for v in variants}
+        batch_cpu = pool.batch_cpu()
+        if not args.no_profile:
+            print("\n== stage breakdown", flush=True)
+            w = args.workers
+            stages, extra = stage_profile(corpus, tok, cfg, by[RAW].median, work / "w1", work, w)
+            e2e1, e2e_w = by[E2E1].median, by[f"e2e W={w}"].median
+            report_stages(stages, extra, e2e1, e2e_w, corpus, w, batch_cpu, cfg.batch_docs)
+        if args.cprofile:
+            cprofile_top(cfg, tok, work)
+        if args.tiktoken:
+            cpu1 = sum(batch_cpu)
+            report_tiktoken(tok, batches, by[RAW], cpu1, corpus.num_bytes, args.repeats)
     finally:
         pool.close()
-    report(variants, corpus, args)
-
-    if not args.no_profile:
-        print("\n== stage breakdown", flush=True)
-        by = {v.name: v.median for v in variants}
-        stages = stage_profile(
-            corpus, tok, cfg, by["raw, tokenizers threads"], by["raw, 1 thread"], work
-        )
-        ipc = ipc_and_worker_cost(corpus, tok, replace(cfg, workers=W))
-        report_stages(
-            stages,
-            ipc,
-            by["e2e W=1 (in-process, tokenizers threads)"],
-            by[f"e2e W={W}"],
-            corpus.num_bytes,
-        )
-    if args.cprofile:
-        cprofile_top(cfg, tok, work)
-    if args.tiktoken:
-        print("\n### tiktoken on the same vocabulary and batches\n")
-        rows = tiktoken_compare(tok, batches, args.repeats)
-        print(rows[0])
-        raw = by_name(variants, "raw, tokenizers threads")
-        print(
-            f"| backend | s (median) | MB/s | tokens |\n|---|---|---|---|\n"
-            f"| tokenizers, threads | {raw.median:.2f} | "
-            f"{corpus.num_bytes / raw.median / 1e6:.2f} | {raw.tokens} |"
-        )
-        for row in rows[1:]:
-            name, sec, tokens = row.split("|")
-            print(f"| {name} | {sec} | {corpus.num_bytes / float(sec) / 1e6:.2f} | {tokens} |")
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s\ncommand: {command}")
-
-
-def by_name(variants: list[Variant], name: str) -> Variant:
-    return next(v for v in variants if v.name == name)
 
 
 if __name__ == "__main__":

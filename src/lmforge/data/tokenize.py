@@ -44,6 +44,9 @@ from lmforge.data.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+_BATCH_BYTES = 1 << 20
+"""Text per unit of work (with `batch_docs`): one 2.5 MB batch of code files would keep a worker
+busy for seconds while the others wait at the end of a source."""
 FORMAT_VERSION = 2
 DEFAULT_SOURCES = (
     SourceConfig(name="english", path="builtin:english", max_bytes=500_000),
@@ -282,15 +285,11 @@ class _Run:
         if not self.resumed:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
-        sources = self.cfg.sources
         with _Workers(self.cfg, self.tokenizer) as workers, self._progress_bar() as bar:
-            for i in range(self.source_index, len(sources)):
-                self.source_index = i
-                self._tokenize_source(sources[i], workers, bar)
-                if i + 1 < len(sources):
-                    self._flush_source(sources[i].name)
-                    self.source_index = i + 1
-                    self._save_restart_point()
+            for index, batch, docs in workers.map(self._batches()):
+                if index != self.source_index:  # every earlier source is complete
+                    self._finish_sources_before(index)
+                self._consume(self.cfg.sources[index].name, batch, docs, bar)
         self._ensure_both_splits()
         for writer in self.writers.values():
             writer.flush()
@@ -307,31 +306,47 @@ class _Run:
             total=total, unit="B", unit_scale=True, desc="tokenize", disable=not sys.stderr.isatty()
         )
 
-    def _tokenize_source(self, source: SourceConfig, workers: _Workers, bar: tqdm) -> None:
-        """Stream one source through the workers; a restart point each time a shard fills."""
-        done = self.read[source.name]
-        if done:
-            log.info("source %s: skipping %d items done before the restart", source.name, done)
-        items = itertools.islice(self._items(source), done, None)
-        for batch, docs in workers.map(_batches(items, self.cfg.batch_docs)):
-            checkpoint = False
-            for item, doc in zip(batch, docs, strict=True):
-                self.read[source.name] += 1
-                bar.update(doc.num_bytes)
-                reason = doc.reason
-                if isinstance(item, DataError):
-                    self._reject(source.name, item)
-                elif reason is None and doc.sig is not None:
-                    reason = self.dedup.check(f"{source.name}:{self.read[source.name]}", doc.sig)
-                if reason is not None:
-                    counts = self.dropped[source.name]
-                    counts[reason] = counts.get(reason, 0) + 1
-                    continue
-                assert doc.ids is not None
-                checkpoint |= self.writers[source.name, doc.split].add(doc.ids, doc.num_bytes)
-            if checkpoint:
-                self._flush_source(source.name)
-                self._save_restart_point()
+    def _batches(self) -> Iterator[tuple[int, list[str | DataError]]]:
+        """Work for the pool: each source's remaining items in batches, source after source,
+        so workers never wait for a source to drain before the next one starts."""
+        for index in range(self.source_index, len(self.cfg.sources)):
+            source = self.cfg.sources[index]
+            done = self.read[source.name]
+            if done:
+                log.info("source %s: skipping %d items done before the restart", source.name, done)
+            items = itertools.islice(self._items(source), done, None)
+            for batch in _batches(items, self.cfg.batch_docs, _BATCH_BYTES):
+                yield index, batch
+
+    def _finish_sources_before(self, index: int) -> None:
+        """Write what the finished sources still hold and record a restart point."""
+        for source in self.cfg.sources[self.source_index : index]:
+            self._flush_source(source.name)
+        self.source_index = index
+        self._save_restart_point()
+
+    def _consume(
+        self, source: str, batch: list[str | DataError], docs: list[_Doc], bar: tqdm
+    ) -> None:
+        """Dedup and write one processed batch; a restart point each time a shard fills."""
+        checkpoint = False
+        for item, doc in zip(batch, docs, strict=True):
+            self.read[source] += 1
+            bar.update(doc.num_bytes)
+            reason = doc.reason
+            if isinstance(item, DataError):
+                self._reject(source, item)
+            elif reason is None and doc.sig is not None:
+                reason = self.dedup.check(f"{source}:{self.read[source]}", doc.sig)
+            if reason is not None:
+                counts = self.dropped[source]
+                counts[reason] = counts.get(reason, 0) + 1
+                continue
+            assert doc.ids is not None
+            checkpoint |= self.writers[source, doc.split].add(doc.ids, doc.num_bytes)
+        if checkpoint:
+            self._flush_source(source)
+            self._save_restart_point()
 
     def _items(self, source: SourceConfig) -> Iterator[str | DataError]:
         """The source's documents, and with on_error=skip its bad inputs, in reading order."""
@@ -488,22 +503,23 @@ class _Workers:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def map(
-        self, batches: Iterable[list[str | DataError]]
-    ) -> Iterator[tuple[list[str | DataError], list[_Doc]]]:
-        """Each batch with its processed documents, in input order; bad inputs pass through."""
+        self, batches: Iterable[tuple[int, list[str | DataError]]]
+    ) -> Iterator[tuple[int, list[str | DataError], list[_Doc]]]:
+        """Each (tag, batch) with its processed documents, in input order; bad inputs pass
+        through. At most 2 × workers batches are in flight, which bounds memory."""
         if self.pool is None:
-            for batch in batches:
-                yield batch, _merge(batch, _process(_texts(batch)))
+            for tag, batch in batches:
+                yield tag, batch, _merge(batch, _process(_texts(batch)))
             return
-        in_flight: deque[tuple[list[str | DataError], Future[list[_Doc]]]] = deque()
-        for batch in batches:
-            in_flight.append((batch, self.pool.submit(_process, _texts(batch))))
+        in_flight: deque[tuple[int, list[str | DataError], Future[list[_Doc]]]] = deque()
+        for tag, batch in batches:
+            in_flight.append((tag, batch, self.pool.submit(_process, _texts(batch))))
             if len(in_flight) >= 2 * self.num:
-                done, fut = in_flight.popleft()
-                yield done, _merge(done, fut.result())
+                done_tag, done, fut = in_flight.popleft()
+                yield done_tag, done, _merge(done, fut.result())
         while in_flight:
-            done, fut = in_flight.popleft()
-            yield done, _merge(done, fut.result())
+            done_tag, done, fut = in_flight.popleft()
+            yield done_tag, done, _merge(done, fut.result())
 
 
 def _texts(batch: list[str | DataError]) -> list[str]:
@@ -557,13 +573,19 @@ def _dedups(cfg: DedupConfig) -> bool:
     return cfg.exact or cfg.near
 
 
-def _batches(texts: Iterable[str | DataError], size: int) -> Iterator[list[str | DataError]]:
+def _batches(
+    items: Iterable[str | DataError], max_docs: int, max_bytes: int
+) -> Iterator[list[str | DataError]]:
+    """Batches of at most max_docs items and (past their first document) max_bytes of text."""
     batch: list[str | DataError] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == size:
+    size = 0
+    for item in items:
+        n = len(item) if isinstance(item, str) else 0  # characters: cheap, close enough
+        if batch and (len(batch) == max_docs or size + n > max_bytes):
             yield batch
-            batch = []
+            batch, size = [], 0
+        batch.append(item)
+        size += n
     if batch:
         yield batch
 
