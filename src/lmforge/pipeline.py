@@ -30,6 +30,7 @@ from lmforge.eval.perplexity import evaluate_perplexity
 from lmforge.export import export_hf
 from lmforge.generate import GenerateConfig, generate_text
 from lmforge.model.llama import Llama
+from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import train
 
@@ -158,7 +159,7 @@ def perplexity(
     training (masking on or off)."""
     loader = PackedLoader(val, recipe.packing, recipe.eval.batch_size, special, shuffle=False)
     bytes_per_target = val.num_bytes / (val.num_tokens + val.num_docs)
-    amp = torch.bfloat16 if recipe.train.precision == "bf16" else None
+    amp = autocast_dtype(recipe.train.precision, device)
     return evaluate_perplexity(
         model, itertools.islice(loader, max_batches), device, bytes_per_target, amp
     )
@@ -227,7 +228,7 @@ def benchmark_stage(
         num_fewshot=num_fewshot,
         limit=limit,
         max_length=trained.packing.seq_len,
-        bf16=recipe.train.precision == "bf16",
+        bf16=autocast_dtype(recipe.train.precision, device) is not None,
     )
     out = {"checkpoint": str(path), **run_suite(model.to(device), tokenizer, device, cfg)}
     paths = RunPaths(recipe.run_dir)

@@ -32,7 +32,7 @@ from lmforge.data.packing import IGNORE_INDEX, PackedBatch
 from lmforge.dist import resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
-from lmforge.perf import measure_matmul_peak
+from lmforge.perf import autocast_dtype, measure_matmul_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.schedule import ScheduleConfig, lr_at
 
@@ -49,8 +49,9 @@ class TrainConfig:
     than 8,192 (benchmarks/RESULTS.md)."""
     micro_batch_size: int = 8
     """Rows per forward/backward on each rank."""
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 autocast with fp32 weights, gradients and loss reduction; or plain fp32."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast with fp32 weights, gradients and loss reduction; plain fp32; or auto:
+    bf16 where its matmuls are faster than fp32 here (GPUs, CPUs with AVX512-BF16/AMX)."""
     compile: bool = False
     """torch.compile the model for the training step."""
     device: str = "auto"
@@ -115,7 +116,7 @@ def train(
         loader.load_state_dict(state.loader)
         log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
     _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past the checkpoint are redone
-    amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    amp_dtype = autocast_dtype(cfg.precision, device)
     peak = measure_matmul_peak(amp_dtype or torch.float32, device)
     flops_per_token = model.cfg.flops_per_token(seq_len)
     forward = torch.compile(model) if cfg.compile else model
