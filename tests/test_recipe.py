@@ -45,7 +45,10 @@ def test_model_preset_with_overrides(tmp_path: Path) -> None:
         ("model: {num_heads: four}\n", r"p\.yaml: model\.num_heads: expected int, got 'four'"),
         ("model: {num_hedas: 4}\n", r"p\.yaml: model\.num_hedas: unknown key"),
         ("trian: {}\n", r"p\.yaml: trian: unknown key"),
-        ("train: {precision: fp8}\n", r"train\.precision: expected one of \['fp32', 'bf16'\]"),
+        (
+            "train: {precision: fp8}\n",
+            r"train\.precision: expected one of \['auto', 'fp32', 'bf16'\], got 'fp8'",
+        ),
         ("data: {sources: [{name: a}]}\n", r"data\.sources\[0\]: .*path"),
         ("model: {num_heads: 3}\n", r"p\.yaml: model: d_model 256 is not divisible"),
         ("packing: {document_masking: 1}\n", r"packing\.document_masking: expected bool"),
