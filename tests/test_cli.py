@@ -64,6 +64,19 @@ def test_verbs_run_one_stage_each(tiny_run: Path, capsys: pytest.CaptureFixture[
     assert (tiny_run / "exported" / "config.json").exists()
 
 
+def test_eval_by_position_writes_the_long_context_curve(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
+    capsys.readouterr()
+    assert main(["eval", *args, "--by-position", "128"]) == 0  # twice the training length
+    assert "positions     64-127" in capsys.readouterr().out
+    out = json.loads((tiny_run / "loss_by_position.json").read_text())
+    assert len(out["loss"]) == 128 and out["train_seq_len"] == 64
+    assert (tiny_run / "loss_by_position.png").stat().st_size > 1000
+
+
 def test_data_inspect_shows_shares_epochs_and_marked_rows(
     tiny_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -85,6 +85,12 @@ def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
+    if args.by_position:
+        out = pipeline.position_stage(recipe, args.by_position, checkpoint=args.checkpoint)
+        print(f"loss by position (trained at {out['train_seq_len']} tokens):")
+        for b in out["bins"]:
+            print(f"  positions {b['from']:>6}-{b['to'] - 1:<6} {b['loss']:.4f}")
+        return
     if not args.tasks:
         print(json.dumps(pipeline.eval_stage(recipe, args.checkpoint), indent=2))
         return
@@ -182,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--num-fewshot", type=int, help="override each task's shots")
             p.add_argument("--limit", type=int, help="first N questions of each task")
+            p.add_argument(
+                "--by-position",
+                type=int,
+                metavar="LENGTH",
+                help="loss at each position 1..LENGTH of long val documents (+ PNG)",
+            )
         if verb in ("eval", "generate", "export"):
             p.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
         if verb == "generate":

@@ -26,7 +26,7 @@ from lmforge.data.tokenize import SPLITS, read_manifest, split_of, tokenize_corp
 from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenizer
 from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
 from lmforge.dist import rank, resolve_device, world_size
-from lmforge.eval.perplexity import evaluate_perplexity
+from lmforge.eval.perplexity import evaluate_perplexity, loss_by_position, position_bins
 from lmforge.export import export_hf
 from lmforge.generate import GenerateConfig, generate_text
 from lmforge.model.llama import Llama
@@ -204,6 +204,53 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
         result[name] = {k.removeprefix("val_"): v for k, v in metrics.items()}
     paths.eval.write_text(json.dumps(result, indent=2))
     return result
+
+
+def position_stage(
+    recipe: Recipe, length: int, max_docs: int = 64, checkpoint: str | Path | None = None
+) -> dict[str, Any]:
+    """Loss by token position on the val documents of at least `length` tokens, with a PNG."""
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
+    paths = RunPaths(recipe.run_dir)
+    tokenizer = TextTokenizer.load(paths.tokenizer)
+    val = whole_split(paths.shards, "val", tokenizer.sha256)
+    device = resolve_device(recipe.train.device)
+    long_docs = (
+        torch.from_numpy(val.document(i).astype("int64"))
+        for i in range(val.num_docs)
+        if len(val.document(i)) >= length
+    )
+    losses = loss_by_position(
+        model.to(device),
+        itertools.islice(long_docs, max_docs),
+        length,
+        tokenizer.bos_id,
+        device,
+        autocast_dtype(recipe.train.precision, device),
+    )
+    out = {
+        "checkpoint": str(path),
+        "train_seq_len": trained.packing.seq_len,
+        "bins": position_bins(losses),
+        "loss": losses,
+    }
+    (paths.root / "loss_by_position.json").write_text(json.dumps(out, indent=2))
+    plot_loss_by_position(losses, trained.packing.seq_len, paths.root / "loss_by_position.png")
+    return out
+
+
+def plot_loss_by_position(losses: list[float], train_len: int, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.axvline(train_len, color="gray", ls="--", label=f"training length {train_len}")
+    ax.set(xscale="log", xlabel="token position", ylabel="loss (nats)", title="Loss by position")
+    ax.legend()
+    FigureCanvasAgg(fig).print_png(str(out))
 
 
 def benchmark_stage(

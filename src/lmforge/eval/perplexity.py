@@ -68,3 +68,50 @@ def evaluate_perplexity(
         "val_bpb": mean / math.log(2) / bytes_per_target,
         "val_tokens": float(count),
     }
+
+
+@torch.no_grad()
+def loss_by_position(
+    model: nn.Module,
+    documents: Iterable[torch.Tensor],
+    length: int,
+    bos_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[float]:
+    """Mean loss (nats) at each position 0..length-1 over documents of at least `length` tokens.
+
+    Each document is read from its start as `BOS doc[:length]`, in one causal sequence, so
+    position p predicts token p with p tokens of context: the long-context curve (does loss
+    keep falling past the training length, e.g. after RoPE base-frequency extension?).
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(length, dtype=torch.float64)
+    count = 0
+    for doc in documents:
+        if len(doc) < length:
+            continue
+        ids = torch.cat([torch.tensor([bos_id]), torch.as_tensor(doc[:length]).long()]).to(device)
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
+            logits = model(ids[None, :-1])
+        nll = F.cross_entropy(logits[0].float(), ids[1:], reduction="none")
+        total += nll.double().cpu()
+        count += 1
+    model.train(was_training)
+    if count == 0:
+        raise ValueError(f"no document has {length} tokens; choose a shorter length")
+    return (total / count).tolist()
+
+
+def position_bins(losses: list[float]) -> list[dict[str, float]]:
+    """Mean loss over positions [0, 1), [1, 2), [2, 4), [4, 8), ...: a readable curve."""
+    rows, start = [], 0
+    while start < len(losses):
+        end = min(max(1, 2 * start), len(losses))
+        chunk = losses[start:end]
+        rows.append({"from": start, "to": end, "loss": sum(chunk) / len(chunk)})
+        start = end
+    return rows
