@@ -225,5 +225,11 @@ def test_eval_tasks_scores_benchmarks_and_writes_tables(
     assert humaneval["n"] == 8 and humaneval["pass@1"] == 0.0  # a 1,024-token model writes no code
     for r in result["tasks"].values():
         assert 0 <= r["acc"] <= 1 and r["n"] == 8
+    sample_args = ["--tasks", "humaneval", "--samples", "3", "--data-dir", str(EVAL_DATA)]
+    assert main(["eval", *args, *sample_args, "--limit", "2"]) == 0
+    sampled = json.loads((tiny_run / "benchmarks.json").read_text())["tasks"]["humaneval"]
+    assert sampled["samples"] == 3 and sampled["n"] == 2 and "pass@1" in sampled
+    assert "pass@10" not in sampled  # k above the number of samples is not estimable
+    capsys.readouterr()
     assert main(["eval", *args, "--tasks", "no_such_task"]) == 2
     assert "no_such_task" in capsys.readouterr().err

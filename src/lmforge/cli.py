@@ -96,7 +96,7 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
         return
     tasks = [t for t in args.tasks.split(",") if t]
     out = pipeline.benchmark_stage(
-        recipe, tasks, args.data_dir, args.num_fewshot, args.limit, args.checkpoint
+        recipe, tasks, args.data_dir, args.num_fewshot, args.limit, args.checkpoint, args.samples
     )
     from lmforge.eval.suite import benchmark_table
 
@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--num-fewshot", type=int, help="override each task's shots")
             p.add_argument("--limit", type=int, help="first N questions of each task")
+            p.add_argument(
+                "--samples",
+                type=int,
+                default=1,
+                help="HumanEval completions per problem (1: greedy pass@1; more: sampled pass@k)",
+            )
             p.add_argument(
                 "--by-position",
                 type=int,

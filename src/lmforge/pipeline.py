@@ -260,6 +260,7 @@ def benchmark_stage(
     num_fewshot: int | None = None,
     limit: int | None = None,
     checkpoint: str | Path | None = None,
+    samples: int = 1,
 ) -> dict[str, Any]:
     """Benchmarks (`eval --tasks`) on a checkpoint; results in benchmarks.json and .md."""
     from lmforge.eval.suite import SuiteConfig, benchmark_table, check_task_names, run_suite
@@ -276,6 +277,7 @@ def benchmark_stage(
         limit=limit,
         max_length=trained.packing.seq_len,
         bf16=autocast_dtype(recipe.train.precision, device) is not None,
+        samples=samples,
     )
     out = {"checkpoint": str(path), **run_suite(model.to(device), tokenizer, device, cfg)}
     paths = RunPaths(recipe.run_dir)

@@ -4,7 +4,7 @@ log-likelihood in lm-eval's formats, HumanEval pass@1 in a sandbox, and the repo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,11 @@ class SuiteConfig:
     """Model context: longer prompts are cut from the left, as lm-eval does."""
     bf16: bool = False
     """Score under bf16 autocast."""
+    samples: int = 1
+    """HumanEval completions per problem: 1 is greedy pass@1; more are sampled at `temperature`
+    and give pass@1, pass@10, pass@100 (those <= samples), unbiased (Chen et al. 2021)."""
+    temperature: float = 0.8
+    """HumanEval sampling temperature when samples > 1 (the Codex paper's choice for pass@100)."""
 
 
 def check_task_names(tasks: Sequence[str]) -> None:
@@ -61,7 +66,7 @@ def run_suite(
     results: dict[str, Any] = {}
     for name in cfg.tasks:
         if name == "humaneval":
-            results[name] = _humaneval(model, tokenizer, cfg.data_dir, cfg.limit)
+            results[name] = _humaneval(model, tokenizer, cfg)
             continue
         task_path = None
         if cfg.data_dir is not None:  # subtasks (mmlu_anatomy) live in their group's folder
@@ -78,20 +83,26 @@ def run_suite(
     return {"tasks": results, "averages": _averages(results)}
 
 
-def _humaneval(
-    model: Llama, tokenizer: TextTokenizer, data_dir: str | Path | None, limit: int | None
-) -> dict[str, Any]:
-    """pass@1 with greedy completions, each run against its tests in a sandbox."""
-    files = sorted((Path(data_dir) / "humaneval").glob("*.jsonl*")) if data_dir else []
+def _humaneval(model: Llama, tokenizer: TextTokenizer, cfg: SuiteConfig) -> dict[str, Any]:
+    """pass@k from completions run against each problem's tests in a sandbox."""
+    files = sorted((Path(cfg.data_dir) / "humaneval").glob("*.jsonl*")) if cfg.data_dir else []
     problems = load_problems(files[0] if files else None)
-    problems = problems[:limit] if limit is not None else problems
-    cfg = GenerateConfig(max_new_tokens=128, temperature=0.0)
+    problems = problems[: cfg.limit] if cfg.limit is not None else problems
+    greedy = cfg.samples == 1
+    gen = GenerateConfig(max_new_tokens=128, temperature=0.0 if greedy else cfg.temperature)
 
     def complete(prompt: str, n: int) -> list[str]:
-        return [generate_text(model, tokenizer, prompt, cfg)] * n
+        if greedy:
+            return [generate_text(model, tokenizer, prompt, gen)] * n
+        return [generate_text(model, tokenizer, prompt, replace(gen, seed=i)) for i in range(n)]
 
-    result = evaluate_humaneval(complete, problems, n_samples=1, ks=(1,))
-    return {"pass@1": result["pass@1"], "n": result["num_problems"], "num_fewshot": 0}
+    ks = tuple(k for k in (1, 10, 100) if k <= cfg.samples)
+    result = evaluate_humaneval(complete, problems, n_samples=cfg.samples, ks=ks)
+    return {f"pass@{k}": result[f"pass@{k}"] for k in ks} | {
+        "n": result["num_problems"],
+        "samples": cfg.samples,
+        "num_fewshot": 0,
+    }
 
 
 def _averages(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -111,7 +122,8 @@ def benchmark_table(out: dict[str, Any]) -> str:
     lines = ["| task | n | shots | acc | acc_norm | acc_bytes |", "|---|---|---|---|---|---|"]
     for name, r in out["tasks"].items():
         if "pass@1" in r:
-            lines.append(f"| {name} | {r['n']} | 0 | pass@1 {r['pass@1']:.4f} | | |")
+            passes = ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("pass@"))
+            lines.append(f"| {name} | {r['n']} | 0 | {passes} | | |")
             continue
         cells = [f"{r[m]:.4f} ± {r[m + '_stderr']:.4f}" for m in ("acc", "acc_norm", "acc_bytes")]
         lines.append(f"| {name} | {r['n']} | {r['num_fewshot']} | " + " | ".join(cells) + " |")
