@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from cpu_meter import CpuMeter
 
 from lmforge.data import tokenize as tokenize_mod
 from lmforge.data.clean import clean
@@ -147,40 +148,6 @@ def get_tokenizer(args: argparse.Namespace, corpus: Corpus) -> tuple[TextTokeniz
 
 # ---------------------------------------------------------------------------------------------
 # CPU used by other processes (the VM is shared)
-
-
-class CpuMeter:
-    """Share of all CPUs used, between start() and stop(), by processes other than ours."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.psutil, self.me = psutil, psutil.Process()
-
-    def _mine(self) -> float:
-        t = self.me.cpu_times()  # children_*: our finished (reaped) child processes
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in self.me.children(recursive=True):
-            with contextlib.suppress(self.psutil.Error):
-                c = child.cpu_times()
-                total += c.user + c.system
-        return total
-
-    def _busy(self) -> tuple[float, float]:
-        t = self.psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq, getattr(t, "steal", 0.0)
-
-    def start(self) -> None:
-        self.t0, self.mine0 = time.monotonic(), self._mine()
-        self.busy0, self.steal0 = self._busy()
-
-    def stop(self) -> tuple[float, float, float]:
-        """(share of all CPUs used by other processes, stolen by the hypervisor; our CPU s)."""
-        wall = (time.monotonic() - self.t0) * CORES
-        mine = self._mine() - self.mine0
-        busy, steal = self._busy()
-        other = max(busy - self.busy0 - mine, 0.0) / wall
-        return other, (steal - self.steal0) / wall, mine
 
 
 def wait_quiet(budget: list[float]) -> None:

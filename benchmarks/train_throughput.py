@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from cpu_meter import CpuMeter
 
 THREADS = 2
 REF = dict(
@@ -257,41 +258,6 @@ def measure_peaks(dtypes: list[str], n: int) -> dict[str, float]:
     return out
 
 
-class CpuMeter:
-    """CPU used by processes other than this one and its children, as a share of all CPUs."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.psutil, self.me = psutil, psutil.Process()
-        self.start()
-
-    def _mine(self) -> float:
-        total = 0.0
-        for p in [self.me, *self.me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except self.psutil.Error:
-                pass
-        return total
-
-    def _busy(self) -> tuple[float, float]:
-        t = self.psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq, getattr(t, "steal", 0.0)
-
-    def start(self) -> None:
-        self.t0, self.mine0 = time.monotonic(), self._mine()
-        self.busy0, self.steal0 = self._busy()
-
-    def foreign(self) -> tuple[float, float]:
-        """(foreign busy share, steal share) of all CPUs since start()."""
-        wall = (time.monotonic() - self.t0) * (os.cpu_count() or 1)
-        busy, steal = self._busy()
-        other = busy - self.busy0 - (self._mine() - self.mine0)
-        return max(other, 0.0) / wall, (steal - self.steal0) / wall
-
-
 def wait_quiet(args: argparse.Namespace, budget: list[float]) -> None:
     """Sleep (within the --quiet-wait budget) while other processes load the CPUs > 15%."""
     import psutil
@@ -333,7 +299,7 @@ def run_group(
         for c in children[k:] + children[:k]:
             c.send("step")
             c.times.append(c.recv()["t"])
-        other, steal = meter.foreign()
+        other, steal, _ = meter.stop()
         for c in children:
             c.foreign.append(other)
         print(
@@ -419,7 +385,7 @@ def main() -> None:
     wait_quiet(args, budget)
     meter.start()
     peaks = measure_peaks(dtypes, args.peak_n)
-    print(f"(other processes used {100 * meter.foreign()[0]:.0f}% CPU during the peak runs)")
+    print(f"(other processes used {100 * meter.stop()[0]:.0f}% CPU during the peak runs)")
 
     results: list[Child] = []
     for d in dtypes:  # one group per precision: ratios compare variants that took turns
