@@ -89,6 +89,27 @@ def test_choices_with_their_own_contexts(model: Llama) -> None:
         assert math.isclose(s.logprob, brute_force(model, ctx, c, 512), abs_tol=1e-3)
 
 
+def test_many_questions_batched_equal_each_alone(model: Llama) -> None:
+    """Rows of different lengths and choice counts padded into one batch, or a batch each."""
+    words = ["red", "a tomato", "the sky at night", "x", "grass", "stone walls", "?"]
+    reqs = []
+    for q in range(12):
+        k = 2 + q % 3
+        conts = tuple(" " + words[(q + j) % len(words)] for j in range(k))
+        context = f"Q{q}: " + "which one " * (q % 4) + "is it?\nAnswer:"
+        reqs.append(Req((context,) * k, conts, 0, conts))
+    one_batch = LoglikelihoodScorer(model, char_encode, BOS, 40, torch.device("cpu"))
+    one_each = LoglikelihoodScorer(model, char_encode, BOS, 40, torch.device("cpu"), batch_tokens=1)
+    batched, alone = one_batch.score(reqs), one_each.score(reqs)
+    for req, row_b, row_a in zip(reqs, batched, alone, strict=True):
+        assert len(row_b) == len(req.continuations)
+        for cont, b, a in zip(req.continuations, row_b, row_a, strict=True):
+            ctx, c = encode_pair(char_encode, req.contexts[0], cont)
+            assert math.isclose(b.logprob, a.logprob, abs_tol=1e-4)
+            assert math.isclose(b.logprob, brute_force(model, ctx, c, 40), abs_tol=1e-3)
+            assert b.greedy == a.greedy and b.num_tokens == len(c)
+
+
 def test_greedy_flag_and_bf16_close_to_fp32(model: Llama) -> None:
     ctx = "abcabcabc"
     with torch.no_grad():

@@ -24,7 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.eval.multiple_choice import ChoiceScore, LoglikelihoodScorer
+from lmforge.eval.multiple_choice import LoglikelihoodScorer, Tree
 from lmforge.generate import GenerateConfig, generate_text
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,37 +72,43 @@ class LmforgeLM(LM):
             self.max_length,
             torch.device(device),
             _DTYPES[dtype],
+            encode_batch=self.tokenizer.encode_batch,
         )
         self.generate_cfg = replace(recipe.generate, temperature=0.0)
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
+        """Requests grouped by context (each context runs once), all groups batched together."""
         by_context: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_context.setdefault(r.args[0], []).append(i)
+        groups = [
+            _Group((context,) * len(members), tuple(requests[i].args[1] for i in members))
+            for context, members in by_context.items()
+        ]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for context, members in tqdm(by_context.items(), disable=disable_tqdm, desc="lmforge"):
-            conts = tuple(requests[i].args[1] for i in members)
-            group = _Group((context,) * len(conts), conts)
-            scores: list[ChoiceScore] = self.scorer.score_request(group)
-            for i, s in zip(members, scores, strict=True):
+        scores = self.scorer.score(groups, desc="lmforge")
+        for members, group_scores in zip(by_context.values(), scores, strict=True):
+            for i, s in zip(members, group_scores, strict=True):
                 out[i] = (s.logprob, s.greedy)
         return out
 
     def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
-        """Whole-document log-likelihood in max_length windows, as lm-eval's HF model does."""
-        totals = []
-        for r in tqdm(requests, disable=disable_tqdm, desc="lmforge rolling"):
-            tokens = self.tokenizer.encode(r.args[0])
-            total = 0.0
+        """Whole-document log-likelihood in max_length windows, as lm-eval's HF model does;
+        the windows of all documents are scored in shared batches."""
+        trees, owner = [], []
+        for n, r in enumerate(requests):
             windows = get_rolling_token_windows(
-                token_list=tokens,
+                token_list=self.tokenizer.encode(r.args[0]),
                 prefix_token=self.tokenizer.bos_id,
                 max_seq_len=self.max_length,
                 context_len=1,
             )
             for context, pred in map(make_disjoint_window, windows):
-                total += self.scorer.score_tokens(list(context), [list(pred)])[0].logprob
-            totals.append(total)
+                trees.append(Tree(list(context), [list(pred)]))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        for n, scores in zip(owner, self.scorer.score_trees(trees, "lmforge rolling"), strict=True):
+            totals[n] += scores[0].logprob
         return totals
 
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:

@@ -3,9 +3,10 @@
 Each choice is a (context, continuation) pair; its score is the summed log-probability of the
 continuation's tokens given the context. Tokenization follows lm-eval's rule: trailing spaces of
 the context move to the continuation, the pair is encoded whole, and the continuation is what
-follows the context's own tokens. The context is run once and its keys/values are shared by all
-choices (one forward over the prefix, then all continuations in one batch), so a 4-way
-question with a long few-shot prompt costs about one forward, not four.
+follows the context's own tokens. The context is run once for all its choices: each row is a
+tree, the context followed by every continuation, each continuation attending to the context
+and itself only. So a 4-way question with a long few-shot prompt costs one context's worth of
+compute, not four, and many questions share one forward pass.
 
 Metrics (lm-eval's names): acc = argmax of the summed log-probability; acc_norm = argmax of it
 divided by the choice text's length in characters; acc_bytes = divided by its UTF-8 bytes.
@@ -21,7 +22,6 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from lmforge.model.attention import KVCache
 from lmforge.model.llama import Llama
 
 
@@ -64,8 +64,27 @@ def encode_pair(
     return context_ids, whole[len(context_ids) :]
 
 
+@dataclass(frozen=True)
+class Tree:
+    """One context and the continuations scored after it: a row `prefix c1[:-1] c2[:-1] ...`
+    whose continuations see the prefix and themselves, never each other."""
+
+    prefix: list[int]
+    """Context tokens (BOS first), already truncated to the window."""
+    conts: list[list[int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(c) - 1 for c in self.conts)
+
+
 class LoglikelihoodScorer:
-    """Scores choices with a model; `prefix_id` (BOS) starts every context, as in training."""
+    """Scores choices with a model; `prefix_id` (BOS) starts every context, as in training.
+
+    Rows are trees (see `Tree`): the context runs once for all its choices. Trees are sorted by
+    length and batched up to `batch_tokens` (rows × longest row), so small models run many
+    questions per forward pass instead of paying per-question overhead.
+    """
 
     def __init__(
         self,
@@ -75,21 +94,51 @@ class LoglikelihoodScorer:
         max_length: int,
         device: torch.device,
         amp_dtype: torch.dtype | None = None,
+        batch_tokens: int = 8192,
+        encode_batch: Callable[[list[str]], list[list[int]]] | None = None,
     ) -> None:
         self.model, self.encode, self.prefix_id = model.eval(), encode, prefix_id
         self.max_length, self.device, self.amp_dtype = max_length, device, amp_dtype
+        self.batch_tokens = batch_tokens
+        self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+        """Many texts at once (e.g. the tokenizer's multi-threaded batch encode)."""
 
     def score(self, requests: Sequence[McRequest], desc: str = "score") -> list[list[ChoiceScore]]:
-        bar = tqdm(requests, desc=desc, unit="q", disable=not _tty())
-        return [self.score_request(r) for r in bar]
+        """Scores of every choice of every request, in order."""
+        texts = {  # everything encode_pair will encode, encoded once and in parallel
+            t
+            for request in requests
+            for c, x in zip(request.contexts, request.continuations, strict=True)
+            for t in (c.rstrip(), c + x)
+        }
+        table = dict(zip(texts, self.encode_batch(list(texts)), strict=True))
+        trees: list[Tree] = []
+        slots: list[list[tuple[int, int]]] = []  # (request, choice) of each tree's continuations
+        for r, request in enumerate(requests):
+            for tree, choices in self._trees(request, table.__getitem__):
+                trees.append(tree)
+                slots.append([(r, c) for c in choices])
+        out: list[list[ChoiceScore | None]] = [[None] * len(r.contexts) for r in requests]
+        for t, scores in enumerate(self.score_trees(trees, desc)):
+            for (r, c), score in zip(slots[t], scores, strict=True):
+                out[r][c] = score
+        return [[s for s in row if s is not None] for row in out]
 
-    @torch.no_grad()
     def score_request(self, request: McRequest) -> list[ChoiceScore]:
+        return self.score([request])[0]
+
+    def score_tokens(self, prefix: list[int], conts: list[list[int]]) -> list[ChoiceScore]:
+        """Token continuations of one token prefix (BOS included, already truncated)."""
+        return self.score_trees([Tree(prefix, conts)])[0]
+
+    def _trees(
+        self, request: McRequest, encode: Callable[[str], list[int]]
+    ) -> list[tuple[Tree, list[int]]]:
+        """The request's choices grouped by their (truncated) context, lm-eval's tokenization."""
         pairs = [
-            encode_pair(self.encode, c, x)
+            encode_pair(encode, c, x)
             for c, x in zip(request.contexts, request.continuations, strict=True)
         ]
-        scores: list[ChoiceScore | None] = [None] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
@@ -99,46 +148,74 @@ class LoglikelihoodScorer:
             # lm-eval's window: the last max_length + 1 tokens of prefix + continuation
             window = [self.prefix_id, *ctx][-(self.max_length + 1 - len(cont)) :]
             groups.setdefault(tuple(window), []).append(i)
-        for key, members in groups.items():
-            conts = [pairs[i][1] for i in members]
-            for i, s in zip(members, self.score_tokens(list(key), conts), strict=True):
-                scores[i] = s
-        return [s for s in scores if s is not None]
+        return [(Tree(list(k), [pairs[i][1] for i in m]), m) for k, m in groups.items()]
 
     @torch.no_grad()
-    def score_tokens(self, prefix: list[int], conts: list[list[int]]) -> list[ChoiceScore]:
-        """Token continuations of one token prefix (BOS included, already truncated): one
-        prefix forward, then one batched forward of all continuations."""
-        longest = max(len(c) for c in conts)
-        dtype = self.amp_dtype or next(self.model.parameters()).dtype
-        cfg = self.model.cfg
-        one = KVCache(cfg, 1, len(prefix) + longest, self.device, dtype)
-        with self._autocast():  # the head only where a prediction is needed: the last position
-            hidden = self.model.hidden_states(torch.tensor([prefix], device=self.device), cache=one)
-            first = self.model.lm_head(hidden[0, -1])
-        first_lp = first.float().log_softmax(-1)
-        if longest == 1:
-            return [self._choice(first_lp[None], c) for c in conts]
-        many = KVCache(cfg, len(conts), len(prefix) + longest, self.device, dtype)
-        many.k[:, :, :, : len(prefix)] = one.k[:, :, :, : len(prefix)]
-        many.v[:, :, :, : len(prefix)] = one.v[:, :, :, : len(prefix)]
-        many.length = len(prefix)
-        pad = self.prefix_id  # after the real tokens, causal: never seen by them
-        rows = [c[:-1] + [pad] * (longest - len(c)) for c in conts]
-        with self._autocast():
-            rest = self.model(torch.tensor(rows, device=self.device), cache=many)
-        rest_lp = rest.float().log_softmax(-1)
-        return [
-            self._choice(torch.cat([first_lp[None], rest_lp[i, : len(c) - 1]]), c)
-            for i, c in enumerate(conts)
-        ]
+    def score_trees(self, trees: Sequence[Tree], desc: str = "score") -> list[list[ChoiceScore]]:
+        """Scores of each tree's continuations, longest trees first in batches."""
+        order = sorted(range(len(trees)), key=lambda i: -trees[i].length)
+        out: list[list[ChoiceScore]] = [[] for _ in trees]
+        bar = tqdm(total=len(trees), desc=desc, unit="ctx", disable=not _tty(), leave=False)
+        i = 0
+        while i < len(order):
+            rows = max(1, self.batch_tokens // trees[order[i]].length)
+            batch = order[i : i + rows]
+            for t, scores in zip(batch, self._forward([trees[t] for t in batch]), strict=True):
+                out[t] = scores
+            bar.update(len(batch))
+            i += len(batch)
+        bar.close()
+        return out
 
-    @staticmethod
-    def _choice(logprobs: torch.Tensor, cont: list[int]) -> ChoiceScore:
-        target = torch.tensor(cont, device=logprobs.device)
-        picked = logprobs.gather(-1, target[:, None])[:, 0]
-        greedy = bool((logprobs.argmax(-1) == target).all())
-        return ChoiceScore(float(picked.sum()), greedy, len(cont))
+    def _forward(self, trees: list[Tree]) -> list[list[ChoiceScore]]:
+        """One forward pass over tree rows; the head runs only where a prediction is needed."""
+        T = max(t.length for t in trees)
+        ids = torch.full((len(trees), T), self.prefix_id, dtype=torch.long)
+        positions = torch.zeros((len(trees), T), dtype=torch.long)
+        segment = torch.full((len(trees), T), -1, dtype=torch.long)  # -1: padding
+        where: list[int] = []  # flat (row * T + column) of the hidden state predicting a target
+        targets: list[int] = []
+        for b, tree in enumerate(trees):
+            P = len(tree.prefix)
+            ids[b, :P] = torch.tensor(tree.prefix)
+            positions[b, :P] = torch.arange(P)
+            segment[b, :P] = 0
+            col = P
+            for k, cont in enumerate(tree.conts, start=1):
+                m = len(cont) - 1  # the last token is only a target
+                ids[b, col : col + m] = torch.tensor(cont[:-1], dtype=torch.long)
+                positions[b, col : col + m] = torch.arange(P, P + m)
+                segment[b, col : col + m] = k
+                where += [b * T + P - 1] + [b * T + c for c in range(col, col + m)]
+                targets += cont
+                col += m
+        with self._autocast():
+            if all(sum(len(c) > 1 for c in t.conts) <= 1 for t in trees):
+                # at most one continuation past its first token per row: plain causal rows
+                hidden = self.model.hidden_states(ids.to(self.device))
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool).tril()
+                seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+                mask = (causal & seen)[:, None]  # padding sees the prefix and itself
+                hidden = self.model.hidden_states(
+                    ids.to(self.device),
+                    positions.to(self.device),
+                    attention_mask=mask.to(self.device),
+                )
+            picked = hidden.flatten(0, 1)[torch.tensor(where, device=self.device)]
+            logprobs = self.model.lm_head(picked).float().log_softmax(-1)
+        target = torch.tensor(targets, device=self.device)
+        chosen = logprobs.gather(-1, target[:, None])[:, 0].tolist()
+        greedy = (logprobs.argmax(-1) == target).tolist()
+        out, at = [], 0
+        for tree in trees:
+            scores = []
+            for cont in tree.conts:
+                n = len(cont)
+                scores.append(ChoiceScore(sum(chosen[at : at + n]), all(greedy[at : at + n]), n))
+                at += n
+            out.append(scores)
+        return out
 
     def _autocast(self) -> torch.autocast:
         dtype = self.amp_dtype or torch.float32

@@ -61,7 +61,13 @@ def run_suite(
     """Per-task metrics (acc/acc_norm/acc_bytes ± stderr, or pass@1) and group averages."""
     amp = torch.bfloat16 if cfg.bf16 else None
     scorer = LoglikelihoodScorer(
-        model, tokenizer.encode, tokenizer.bos_id, cfg.max_length, device, amp
+        model,
+        tokenizer.encode,
+        tokenizer.bos_id,
+        cfg.max_length,
+        device,
+        amp,
+        encode_batch=tokenizer.encode_batch,
     )
     results: dict[str, Any] = {}
     for name in cfg.tasks:

@@ -95,25 +95,33 @@ class Llama(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T).
 
         positions (B, T): per-token positions restarting at 0 at each document start; they set
         RoPE and the document mask. None means one document per row (plain causal). With a
-        cache, positions continue from the cached prefix.
+        cache, positions continue from the cached prefix. attention_mask (B, 1, T, T), True
+        where a token may attend, replaces the mask derived from positions (scoring uses it for
+        tree-shaped rows: several continuations after one shared context).
         """
-        return self.lm_head(self.hidden_states(input_ids, positions, cache))
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, attention_mask))
 
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states (B, T, d_model), before the output head."""
         B, T = input_ids.shape
         mask = None
-        if positions is not None and cache is None:
+        if attention_mask is not None:
+            if positions is None or cache is not None:
+                raise ValueError("attention_mask needs explicit positions and no KV cache")
+            mask = DocumentMask(dense=attention_mask)
+        elif positions is not None and cache is None:
             mask = plan_document_mask(positions, self.cfg.attention)
         if positions is None:
             start = cache.length if cache is not None else 0
