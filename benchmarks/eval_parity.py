@@ -50,6 +50,7 @@ dataset_kwargs:
     dev: {dev}
 test_split: test
 fewshot_split: dev
+num_fewshot: 5
 fewshot_config:
   sampler: first_n
 output_type: multiple_choice
@@ -71,16 +72,16 @@ def csv_to_jsonl(src: Path, dst: Path) -> Path:
     return dst
 
 
-def lm_eval_tasks(args: argparse.Namespace, tmp: Path) -> dict[str, str]:
+def lm_eval_tasks(task: str, subjects: list[str], data_dir: str, tmp: Path) -> dict[str, str]:
     """Write lm-eval task YAMLs into tmp; our task name → lm-eval's local task name."""
-    data = Path(args.data_dir).resolve()
-    if args.task != "mmlu":
-        name = f"{args.task}_local"
-        path = data / args.task / "validation.jsonl"
+    data = Path(data_dir).resolve()
+    if task != "mmlu":
+        name = f"{task}_local"
+        path = data / task / "validation.jsonl"
         (tmp / f"{name}.yaml").write_text(ARC_YAML.format(name=name, path=path))
-        return {args.task: name}
+        return {task: name}
     names = {}
-    for subject in args.subjects.split(","):
+    for subject in subjects:
         name = f"mmlu_{subject}_local"
         test = csv_to_jsonl(data / "mmlu" / "test" / f"{subject}_test.csv", tmp / f"{name}.jsonl")
         dev = csv_to_jsonl(data / "mmlu" / "dev" / f"{subject}_dev.csv", tmp / f"{name}_dev.jsonl")
@@ -109,7 +110,7 @@ def main() -> None:
         raise SystemExit(f"{run}: needs checkpoints/ and hf/ (run `lmforge demo` first)")
     shots = 5 if args.task == "mmlu" else 0
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = lm_eval_tasks(args, Path(tmp))
+        tasks = lm_eval_tasks(args.task, args.subjects.split(","), args.data_dir, Path(tmp))
         t0 = time.perf_counter()
         model, recipe = load_trained(checkpoint)
         tokenizer = TextTokenizer.load(run / "tokenizer.json")

@@ -86,3 +86,42 @@ def test_greedy_generation_equals_lm_evals_hf_model(trained: tuple[Path, Path]) 
     assert ours.generate_until(_instances("generate_until", args)) == theirs.generate_until(
         _instances("generate_until", args)
     )
+
+
+EVAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
+
+
+def test_accuracies_equal_lm_eval_on_the_export(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """End to end: `run_suite` on the checkpoint vs lm-eval's `simple_evaluate` on the export,
+    same local data: ARC-Easy zero-shot and two MMLU subjects 5-shot, cut to the 64-token
+    window. One lm-eval run for all three (its task index alone takes seconds to build)."""
+    if not EVAL_DATA.is_dir():
+        pytest.skip(f"{EVAL_DATA} not found (the shared benchmark data is not on this machine)")
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from benchmarks.eval_parity import lm_eval_tasks
+    from lmforge.data.tokenizer import TextTokenizer
+    from lmforge.eval.suite import SuiteConfig, run_suite
+
+    checkpoint, hf = trained
+    tasks = lm_eval_tasks("arc_easy", [], str(EVAL_DATA), tmp_path)
+    tasks |= lm_eval_tasks("mmlu", ["anatomy", "virology"], str(EVAL_DATA), tmp_path)
+    model, _ = pipeline.load_trained(checkpoint)
+    tokenizer = TextTokenizer.load(checkpoint.parent.parent / "tokenizer.json")
+    cfg = SuiteConfig(tasks=tuple(tasks), data_dir=str(EVAL_DATA), limit=30, max_length=64)
+    ours = run_suite(model, tokenizer, torch.device("cpu"), cfg)["tasks"]
+    lm = HFLM(pretrained=str(hf), dtype="float32", batch_size=8, device="cpu")
+    theirs = simple_evaluate(
+        model=lm,
+        tasks=list(tasks.values()),
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        limit=30,
+    )["results"]
+    assert [ours[n]["num_fewshot"] for n in tasks] == [0, 5, 5]
+    for name, local in tasks.items():
+        assert ours[name]["n"] == 30
+        assert ours[name]["acc"] == theirs[local]["acc,none"]
+        assert ours[name]["acc_norm"] == theirs[local]["acc_norm,none"]
