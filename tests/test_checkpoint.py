@@ -63,13 +63,16 @@ def test_truncated_checkpoint_is_detected_by_name(tiny_cfg: ModelConfig, tmp_pat
     model, opt = _trained(tiny_cfg)
     path = _save(tmp_path, model, opt, 1)
     weights = path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
         load_checkpoint(path, Llama(tiny_cfg))
-    raw = bytearray((path / "optimizer.pt").read_bytes())
+    weights.write_bytes(good)
+    shard = path / "optimizer" / "__0_0.distcp"  # the optimizer state, one DCP file per rank
+    raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
-    (path / "optimizer.pt").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"optimizer\.pt: checksum mismatch|truncated"):
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"optimizer/__0_0\.distcp: checksum mismatch"):
         load_checkpoint(path, Llama(tiny_cfg))
 
 

@@ -1,20 +1,28 @@
 """Save and load training checkpoints atomically, and verify them on load.
 
-A checkpoint is a directory `step_00000100/` holding the model (safetensors), the optimizer
-state, RNG states and `trainer.json` (step, tokens, loader state, recipe), plus `MANIFEST.json`
-with every file's size and sha256. It is written under a temporary name and renamed into place,
-so a kill mid-save leaves the previous checkpoint as the latest one; a truncated or edited file
-fails verification with a message naming it.
+A checkpoint is a directory `step_00000100/` holding the full model (`model.safetensors`, what
+eval, generate and export read), the optimizer state as a `torch.distributed.checkpoint`
+folder (`optimizer/`, one shard file per rank, reloadable at any world size), RNG states and
+`trainer.json` (step, tokens, loader state, recipe), plus `MANIFEST.json` with every file's
+size and sha256. Rank 0 writes it under a temporary name and renames it into place once every
+rank has written its shard, so a kill mid-save leaves the previous checkpoint as the latest
+one; a truncated or edited file fails verification with a message naming it.
+
+Every function here is collective under torchrun: all ranks call it. With one process the
+same code runs without a process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
-FORMAT = "lmforge-checkpoint-v1"
+FORMAT = "lmforge-checkpoint-v2"
+"""v2: the optimizer state is a DCP folder keyed by parameter name (v1: one optimizer.pt)."""
 
 
 class CheckpointError(RuntimeError):
@@ -54,28 +63,40 @@ def save_checkpoint(
     keep_last: int = 2,
 ) -> Path:
     """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`."""
+    import torch.distributed.checkpoint as dcp
+
     final = directory / f"step_{state.step:08d}"
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    trainer = {
-        "format": FORMAT,
-        "step": state.step,
-        "tokens": state.tokens,
-        "loader": state.loader,
-        "recipe": state.recipe,
-    }
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
-    _write_manifest(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync_dir(directory)
-    _prune(directory, keep_last)
-    log.info("saved checkpoint %s", final)
+    tmp = directory / f".tmp-{final.name}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    full = _full_model_state(model)  # collective: gathers shards onto rank 0
+    with _single_process_is_intended():
+        dcp.save(
+            {"optimizer": _sharded_optimizer_state(model, optimizer)},
+            checkpoint_id=tmp / "optimizer",
+            no_dist=not _distributed(),
+        )
+    if _rank() == 0:
+        save_file(full, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        torch.save(_rng_state(), tmp / "rng.pt")
+        trainer = {
+            "format": FORMAT,
+            "step": state.step,
+            "tokens": state.tokens,
+            "loader": state.loader,
+            "recipe": state.recipe,
+        }
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
+        _write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(directory)
+        _prune(directory, keep_last)
+        log.info("saved checkpoint %s", final)
+    _barrier()
     return final
 
 
@@ -88,11 +109,25 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> TrainerState:
-    """Verify, then restore the model, optimizer and RNG states; return the trainer state."""
+    """Verify, then restore the model, optimizer and RNG states; return the trainer state.
+
+    The model may be sharded (FSDP2) or not, at any world size: each rank reads the full
+    weights and keeps its shard; DCP reshards the optimizer state to the current ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     verify_checkpoint(path)
     _restore_model(path, model)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if not (path / "optimizer" / ".metadata").exists():
+            raise CheckpointError(
+                f"{path}: no optimizer/ folder (a {FORMAT} checkpoint has one); an older"
+                " checkpoint's weights still load for eval/export, but it cannot be resumed"
+            )
+        template = {"optimizer": _sharded_optimizer_state(model, optimizer)}
+        with _single_process_is_intended():
+            dcp.load(template, checkpoint_id=path / "optimizer", no_dist=not _distributed())
+        set_optimizer_state_dict(model, optimizer, template["optimizer"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     trainer = json.loads((path / "trainer.json").read_text())
     return TrainerState(trainer["step"], trainer["tokens"], trainer["loader"], trainer["recipe"])
@@ -111,17 +146,29 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 
 def _restore_model(path: Path, model: nn.Module) -> None:
-    state = load_file(str(path / "model.safetensors"), device="cpu")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor of another shape
-        raise CheckpointError(f"{path}: model.safetensors does not fit the model: {e}") from None
-    missing = [k for k in missing if not _is_tied(model, k)]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state: dict[str, Any] = load_file(str(path / "model.safetensors"), device="cpu")
+    expected = set(_plain_keys(model))
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: model.safetensors does not fit the model: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, ValueError) as e:  # a tensor of another shape
+        raise CheckpointError(f"{path}: model.safetensors does not fit the model: {e}") from None
+
+
+def _plain_keys(model: nn.Module) -> list[str]:
+    """Parameter/buffer names as saved: wrappers' prefixes stripped, the tied head left out."""
+    keys = [k.replace("_orig_mod.", "") for k in model.state_dict()]
+    return [k for k in keys if not _is_tied(model, k)]
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -148,10 +195,46 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointError(f"{file}: checksum mismatch; the file is corrupted")
 
 
-def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the tied duplicate of the embedding (safetensors rejects aliases)."""
-    state = model.state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_tied(model, k)}
+def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (gathered from FSDP shards), {} on other ranks; without the
+    tied duplicate of the embedding (safetensors rejects aliases)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=_distributed())
+    state = get_model_state_dict(model, options=options)
+    return {
+        k: v.detach().contiguous().cpu()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and not _is_tied(model, k)
+    }
+
+
+def _sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, each rank holding its shards."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns on every single-process save/load; without a process group that is our plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
@@ -188,10 +271,11 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(directory: Path) -> None:
     files = {}
-    for file in sorted(directory.iterdir()):
+    for file in sorted(f for f in directory.rglob("*") if f.is_file()):
         with file.open("rb") as f:
             os.fsync(f.fileno())
-        files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        name = file.relative_to(directory).as_posix()
+        files[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
     manifest = directory / MANIFEST
     manifest.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
     with manifest.open("rb") as f:

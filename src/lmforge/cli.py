@@ -20,6 +20,7 @@ from lmforge.data import overview
 from lmforge.data.shards import ShardError
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer_report import markdown_table
+from lmforge.dist import rank
 from lmforge.logs import setup_logging
 from lmforge.recipe import Recipe, RecipeError, load_recipe
 
@@ -80,7 +81,7 @@ def cmd_data_inspect(recipe: Recipe, args: argparse.Namespace) -> None:
 
 def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
     records = pipeline.pretrain_stage(recipe, resume=args.resume)
-    if records:
+    if records and rank() == 0:
         print(json.dumps(records[-1]))
 
 

@@ -34,6 +34,7 @@ from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import train
+from lmforge.train.parallelize import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
             f"model.vocab_size {recipe.model.vocab_size} < the tokenizer's "
             f"{tokenizer.vocab_size} tokens ({paths.tokenizer})"
         )
-    save_recipe(recipe, paths.root / "recipe.yaml")
-    torch.manual_seed(recipe.seed)
+    init_distributed(recipe.parallel)
+    if rank() == 0:
+        save_recipe(recipe, paths.root / "recipe.yaml")
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
@@ -122,6 +125,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         evaluate,
         recipe.eval.every_steps,
         resume,
+        recipe.parallel,
     )
 
 
@@ -438,6 +442,11 @@ def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
 
 def run_all(recipe: Recipe) -> dict[str, Any]:
     """tokenizer → shards → pretrain → eval → samples → export, for one recipe."""
+    if world_size() > 1:
+        raise RecipeError(
+            "run/demo are single-process; under torchrun run only the pretrain verb (prepare"
+            " the tokenizer and shards first with 'lmforge tokenize' in one process)"
+        )
     train_tokenizer_stage(recipe)
     manifest = tokenize_stage(recipe)
     records = pretrain_stage(recipe)

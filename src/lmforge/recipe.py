@@ -24,6 +24,7 @@ from lmforge.generate import GenerateConfig
 from lmforge.model.config import PRESETS, ModelConfig
 from lmforge.train.loop import TrainConfig
 from lmforge.train.optim import OptimConfig
+from lmforge.train.parallelize import ParallelConfig
 from lmforge.train.schedule import ScheduleConfig
 
 
@@ -50,6 +51,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

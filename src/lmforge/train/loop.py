@@ -2,8 +2,9 @@
 
 Global `batch_tokens` is the math; the gradient-accumulation count is derived from it, the
 micro-batch size, the sequence length and the world size. The loss of a step is the mean over
-all its target tokens (summed per micro-batch, divided by the step's total), so 4 micro-batches
-of 1 row equal 1 micro-batch of 4 rows.
+all its target tokens on all ranks (summed per micro-batch, divided by the step's global
+total), so 4 micro-batches of 1 row equal 1 micro-batch of 4 rows, and 2 ranks equal 1.
+Distribution itself lives in parallelize.py; under torchrun every rank runs this function.
 """
 
 from __future__ import annotations
@@ -29,11 +30,19 @@ from lmforge.checkpoint import (
 )
 from lmforge.data.loader import PackedLoader
 from lmforge.data.packing import IGNORE_INDEX, PackedBatch
-from lmforge.dist import resolve_device, world_size
+from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.parallelize import (
+    ParallelConfig,
+    all_reduce_sum,
+    clip_grad_norm,
+    gradient_sync,
+    parallelize,
+    uses_autocast,
+)
 from lmforge.train.schedule import ScheduleConfig, lr_at
 
 log = logging.getLogger(__name__)
@@ -53,7 +62,7 @@ class TrainConfig:
     """bf16 autocast with fp32 weights, gradients and loss reduction; plain fp32; or auto:
     bf16 where its matmuls are faster than fp32 here (GPUs, CPUs with AVX512-BF16/AMX)."""
     compile: bool = False
-    """torch.compile the model for the training step."""
+    """torch.compile each block for the training step."""
     device: str = "auto"
     """'auto' (cuda if present, else cpu), or a torch device string."""
     save_every_steps: int = 100
@@ -88,17 +97,20 @@ def train(
     evaluate: Callable[[Llama], dict[str, float]] | None = None,
     eval_every_steps: int = 0,
     resume: bool = False,
+    parallel: ParallelConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Train until cfg.max_tokens; return the per-step metric records of this call."""
-    if world_size() > 1:  # the data and the batch math are rank-aware; gradient sync is not yet
-        raise NotImplementedError(
-            "multi-process training (torchrun, FSDP2) is not implemented yet; run one process"
-        )
+    """Train until cfg.max_tokens; return the per-step metric records of this call (rank 0
+    writes metrics and logs; every rank returns its records)."""
+    parallel = parallel or ParallelConfig()
     device = resolve_device(cfg.device)
+    world = world_size()
+    amp_dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
+    forward = parallelize(model, parallel, amp_dtype, cfg.compile)
+    autocast = amp_dtype is not None and uses_autocast(parallel)
     optimizer = build_optimizer(model, optim_cfg)
     seq_len = loader.packing.seq_len
-    accum = grad_accum_steps(cfg, seq_len, world_size())
+    accum = grad_accum_steps(cfg, seq_len, world)
     total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
     ckpt_dir = checkpoint_dir(run_dir)
     step, tokens = 0, 0
@@ -115,13 +127,12 @@ def train(
         step, tokens = state.step, state.tokens
         loader.load_state_dict(state.loader)
         log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
-    _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past the checkpoint are redone
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    peak = measure_matmul_peak(amp_dtype or torch.float32, device)
+    if rank() == 0:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past it are redone
+    peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
     flops_per_token = model.cfg.flops_per_token(seq_len)
-    forward = torch.compile(model) if cfg.compile else model
     batches: Iterator[PackedBatch] = iter(loader)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank() == 0 else None
     records: list[dict[str, Any]] = []
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
     bar = progress(total_steps, "pretrain", initial=step, unit="step")
@@ -132,34 +143,36 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = list(itertools.islice(batches, accum))
-        if len(micro) < accum:  # every source has had its max_epochs: a partial step is dropped
+        if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
             log.warning("data exhausted after step %d (%d tokens): stopping early", step, tokens)
             if step > saved_step:
                 state = TrainerState(step, tokens, loader.state_dict(), recipe)
                 save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
             break
-        targets = sum(b.num_targets for b in micro)
+        targets = all_reduce_sum(sum(b.num_targets for b in micro), device)
         loss_sum = 0.0
-        for batch in micro:
+        for i, batch in enumerate(micro):
             batch = batch.to(device)
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            with (
+                gradient_sync(forward, i == accum - 1),
+                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=autocast),
             ):
                 logits = forward(batch.input_ids, batch.positions)
-            loss = F.cross_entropy(  # fp32 reduction over the whole step's targets
-                logits.float().flatten(0, 1),
-                batch.labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ) / max(targets, 1)
-            loss.backward()
+                loss = F.cross_entropy(  # fp32 reduction over the whole step's targets
+                    logits.float().flatten(0, 1),
+                    batch.labels.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                ) / max(targets, 1)
+                (loss * world).backward()  # gradients are averaged over ranks: undo the 1/world
             loss_sum += loss.item()
+        loss_sum = all_reduce_sum(loss_sum, device)
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        grad_norm = clip_grad_norm(model, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_tokens = accum * loader.batch_size * seq_len * world_size()
+        step_tokens = accum * loader.batch_size * seq_len * world
         tokens += step_tokens
         dt = time.perf_counter() - t0
         record: dict[str, Any] = {
@@ -180,7 +193,8 @@ def train(
             record["tokens_by_source"] = {
                 name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
             }
-        metrics.write(record)
+        if metrics is not None:
+            metrics.write(record)
         records.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
@@ -191,7 +205,8 @@ def train(
             save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
             saved_step = step
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return records
 
 

@@ -1,0 +1,109 @@
+"""torchrun on CPU (gloo): 2-process FSDP2 and DDP train the same model as 1 process, and a run
+saved at one world size resumes at another."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lmforge import pipeline
+from lmforge.logs import read_metrics
+from lmforge.recipe import load_recipe
+from tests.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.multiproc
+
+ARGS = [*TINY_OVERRIDES, "train.precision=fp32", "train.max_tokens=4096"]
+"""8 steps of 512 tokens: 1 micro-batch of 4 × 64 per rank at world 2, 2 at world 1."""
+
+
+def torchrun(run_dir: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "lmforge", "pretrain", *ARGS, f"run_dir={run_dir}", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def one_process(run_dir: Path, *extra: str, resume: bool = False) -> None:
+    recipe = load_recipe(None, [*ARGS, f"run_dir={run_dir}", *extra])
+    pipeline.pretrain_stage(recipe, resume=resume)
+
+
+def copy(prepared_run: Path, tmp_path: Path, name: str) -> Path:
+    run_dir = tmp_path / name
+    shutil.copytree(prepared_run, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(prepared_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-process run every other run must reproduce."""
+    run_dir = copy(prepared_run, tmp_path_factory.mktemp("dist"), "one")
+    one_process(run_dir)
+    return run_dir
+
+
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-5) -> None:
+    """Same per-step loss and grad norm, same final weights (up to reduction order)."""
+    ma, mb = read_metrics(a / "metrics.jsonl"), read_metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == list(range(1, 9))
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=rtol)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=100 * rtol)
+        assert ra["tokens"] == rb["tokens"]
+    assert ma[-1]["tokens_by_source"] == mb[-1]["tokens_by_source"]
+    wa = load_file(a / "checkpoints" / "step_00000008" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 100 * rtol, k
+
+
+@pytest.mark.parametrize(("strategy", "checkpointing"), [("fsdp", "full"), ("ddp", "none")])
+def test_two_processes_train_the_same_model_as_one(
+    reference: Path, prepared_run: Path, tmp_path: Path, strategy: str, checkpointing: str
+) -> None:
+    run_dir = copy(prepared_run, tmp_path, strategy)
+    torchrun(
+        run_dir,
+        f"parallel.strategy={strategy}",
+        f"parallel.activation_checkpointing={checkpointing}",
+    )
+    assert_same_run(reference, run_dir)
+    shards = sorted(p.name for p in (run_dir / "checkpoints/step_00000008/optimizer").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one optimizer shard a rank
+
+
+def test_a_run_saved_at_world_2_resumes_at_world_1_and_back(
+    reference: Path, prepared_run: Path, tmp_path: Path
+) -> None:
+    down = copy(prepared_run, tmp_path, "down")
+    torchrun(down, "train.stop_at_step=4")  # FSDP, sharded optimizer state on 2 ranks
+    one_process(down, resume=True)
+    assert_same_run(reference, down)
+
+    up = copy(prepared_run, tmp_path, "up")
+    one_process(up, "train.stop_at_step=4")
+    torchrun(up, "--resume")
+    assert_same_run(reference, up)
+
+
+def test_bf16_fsdp_reduces_in_fp32_and_tracks_autocast(prepared_run: Path, tmp_path: Path) -> None:
+    """FSDP's bf16 parameters with fp32 gradient reduction vs one process under bf16 autocast:
+    different roundings of the same computation, so close but not equal."""
+    one = copy(prepared_run, tmp_path, "one_bf16")
+    one_process(one, "train.precision=bf16")
+    two = copy(prepared_run, tmp_path, "two_bf16")
+    torchrun(two, "train.precision=bf16")
+    ma, mb = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    for ra, rb in zip(ma, mb, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=0.02)
+    weights = load_file(two / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}  # fp32 master weights
+    assert json.loads((two / "checkpoints/step_00000008/trainer.json").read_text())["step"] == 8
