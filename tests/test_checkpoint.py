@@ -11,8 +11,10 @@ import torch
 from lmforge.checkpoint import (
     CheckpointError,
     TrainerState,
+    best_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_newest_good,
     save_checkpoint,
 )
 from lmforge.model.config import ModelConfig
@@ -97,6 +99,37 @@ def test_only_the_newest_checkpoints_are_kept(tiny_cfg: ModelConfig, tmp_path: P
     for step in (1, 2, 3):
         _save(tmp_path, model, opt, step)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_keep_best_keeps_the_lowest_held_out_loss_too(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    model, opt = _trained(tiny_cfg)
+    for step, val in ((1, 3.0), (2, 1.0), (3, None), (4, 2.5)):
+        state = TrainerState(step, step * 100, {}, {}, val)
+        save_checkpoint(tmp_path, model, opt, state, keep_last=1, keep_best=True)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert best_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    assert load_checkpoint(tmp_path / "step_00000002", Llama(tiny_cfg)).val_loss == 1.0
+
+
+def test_resume_falls_back_past_a_corrupted_checkpoint(
+    tiny_cfg: ModelConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, opt = _trained(tiny_cfg)
+    for step in (1, 2):
+        _save(tmp_path, model, opt, step)
+    bad = tmp_path / "step_00000002" / "rng.pt"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    fresh = Llama(tiny_cfg)
+    path, state = load_newest_good(tmp_path, fresh, build_optimizer(fresh, OptimConfig()))
+    assert path.name == "step_00000001" and state.step == 1
+    assert "step_00000002/rng.pt: truncated" in caplog.text and "falling back" in caplog.text
+    for p in fresh.state_dict():
+        torch.testing.assert_close(fresh.state_dict()[p], model.state_dict()[p])
+    (tmp_path / "step_00000001" / "trainer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no checkpoint can be resumed: .*step_00000002"):
+        load_newest_good(tmp_path, fresh, build_optimizer(fresh, OptimConfig()))
 
 
 def test_checkpoint_of_another_shape_is_refused(tiny_cfg: ModelConfig, tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ class TrainerState:
     tokens: int
     loader: dict[str, Any]
     recipe: dict[str, Any]
+    val_loss: float | None = None
+    """Held-out loss measured at this step, if any: `keep_best` keeps the lowest."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -61,8 +63,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     keep_last: int = 2,
+    keep_best: bool = False,
 ) -> Path:
-    """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`."""
+    """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`
+    (and, with keep_best, the one with the lowest held-out loss)."""
     import torch.distributed.checkpoint as dcp
 
     final = directory / f"step_{state.step:08d}"
@@ -87,6 +91,7 @@ def save_checkpoint(
             "tokens": state.tokens,
             "loader": state.loader,
             "recipe": state.recipe,
+            "val_loss": state.val_loss,
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
         _write_manifest(tmp)
@@ -94,16 +99,51 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync_dir(directory)
-        _prune(directory, keep_last)
+        _prune(directory, keep_last, keep_best)
         log.info("saved checkpoint %s", final)
     _barrier()
     return final
 
 
+def completed_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints renamed into place (with a manifest), oldest first."""
+    return sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest completed checkpoint (renamed into place, with a manifest), if any."""
-    done = sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
+    """The newest completed checkpoint, if any."""
+    done = completed_checkpoints(directory)
     return done[-1] if done else None
+
+
+def best_checkpoint(directory: Path) -> Path | None:
+    """The completed checkpoint with the lowest held-out loss recorded, if any has one."""
+    scored = [(_val_loss(p), p) for p in completed_checkpoints(directory)]
+    scored = [(v, p) for v, p in scored if v is not None]
+    return min(scored)[1] if scored else None
+
+
+def _val_loss(path: Path) -> float | None:
+    try:
+        value = json.loads((path / "trainer.json").read_text()).get("val_loss")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return float(value) if value is not None else None
+
+
+def load_newest_good(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Path, TrainerState]:
+    """Resume from the newest checkpoint that verifies; a corrupted one is reported and the
+    previous one is tried, so one bad save never ends a run."""
+    errors = []
+    for path in reversed(completed_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path, model, optimizer)
+        except CheckpointError as e:
+            log.error("%s; falling back to the previous checkpoint", e)
+            errors.append(str(e))
+    raise CheckpointError(f"{directory}: no checkpoint can be resumed: {'; '.join(errors)}")
 
 
 def load_checkpoint(
@@ -130,7 +170,13 @@ def load_checkpoint(
         set_optimizer_state_dict(model, optimizer, template["optimizer"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     trainer = json.loads((path / "trainer.json").read_text())
-    return TrainerState(trainer["step"], trainer["tokens"], trainer["loader"], trainer["recipe"])
+    return TrainerState(
+        trainer["step"],
+        trainer["tokens"],
+        trainer["loader"],
+        trainer["recipe"],
+        trainer.get("val_loss"),
+    )
 
 
 def load_model_weights(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -290,7 +336,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _prune(directory: Path, keep_last: int) -> None:
-    done = sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+def _prune(directory: Path, keep_last: int, keep_best: bool = False) -> None:
+    done = completed_checkpoints(directory)
+    keep = set(done[-keep_last:]) if keep_last > 0 else set(done)
+    best = best_checkpoint(directory) if keep_best else None
+    for old in done:
+        if old not in keep and old != best:
+            shutil.rmtree(old)

@@ -25,7 +25,7 @@ from lmforge.checkpoint import (
     TrainerState,
     checkpoint_dir,
     latest_checkpoint,
-    load_checkpoint,
+    load_newest_good,
     save_checkpoint,
 )
 from lmforge.data.loader import PackedLoader
@@ -69,6 +69,9 @@ class TrainConfig:
     """Checkpoint every this many steps, and always at the end."""
     keep_last: int = 2
     """Completed checkpoints to keep."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the lowest held-out loss (save on eval steps to score
+    every checkpoint: eval.every_steps = save_every_steps)."""
     log_every_steps: int = 10
     """Log a line every this many steps (every step goes to metrics.jsonl)."""
     stop_at_step: int | None = None
@@ -123,7 +126,7 @@ def train(
     if resume and last is None:
         log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
     if last is not None:
-        state = load_checkpoint(last, model, optimizer)
+        last, state = load_newest_good(ckpt_dir, model, optimizer)
         step, tokens = state.step, state.tokens
         loader.load_state_dict(state.loader)
         log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
@@ -147,7 +150,7 @@ def train(
             log.warning("data exhausted after step %d (%d tokens): stopping early", step, tokens)
             if step > saved_step:
                 state = TrainerState(step, tokens, loader.state_dict(), recipe)
-                save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
+                save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best)
             break
         targets = all_reduce_sum(sum(b.num_targets for b in micro), device)
         loss_sum = 0.0
@@ -201,8 +204,9 @@ def train(
         if step % cfg.log_every_steps == 0 or step == total_steps or "val_loss" in record:
             log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
         if step % cfg.save_every_steps == 0 or step == last_step:
-            state = TrainerState(step, tokens, loader.state_dict(), recipe)
-            save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last)
+            val_loss = record.get("val_loss")
+            state = TrainerState(step, tokens, loader.state_dict(), recipe, val_loss)
+            save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best)
             saved_step = step
     bar.close()
     if metrics is not None:
