@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.checkpoint import (
     TrainerState,
@@ -29,7 +28,7 @@ from lmforge.checkpoint import (
     save_checkpoint,
 )
 from lmforge.data.loader import PackedLoader
-from lmforge.data.packing import IGNORE_INDEX, PackedBatch
+from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
@@ -62,7 +61,11 @@ class TrainConfig:
     """bf16 autocast with fp32 weights, gradients and loss reduction; plain fp32; or auto:
     bf16 where its matmuls are faster than fp32 here (GPUs, CPUs with AVX512-BF16/AMX)."""
     compile: bool = False
-    """torch.compile each block for the training step."""
+    """torch.compile the training step (per block under FSDP/DDP)."""
+    loss_chunk_tokens: int | None = None
+    """Cross-entropy this many tokens at a time (logits recomputed in the backward) once a
+    micro-batch holds more, so full fp32 logits never exist at long T; None: as many as keep
+    one chunk's logits under 2^24 values (64 MB in fp32); 0: all at once."""
     device: str = "auto"
     """'auto' (cuda if present, else cpu), or a torch device string."""
     save_every_steps: int = 100
@@ -77,6 +80,11 @@ class TrainConfig:
     stop_at_step: int | None = None
     """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
     `--resume` continues with the same schedule."""
+
+
+def auto_loss_chunk(vocab_size: int) -> int:
+    """Tokens per cross-entropy chunk whose logits stay under 2^24 values."""
+    return max(1, 2**24 // vocab_size)
 
 
 def grad_accum_steps(cfg: TrainConfig, seq_len: int, world: int) -> int:
@@ -114,6 +122,9 @@ def train(
     optimizer = build_optimizer(model, optim_cfg)
     seq_len = loader.packing.seq_len
     accum = grad_accum_steps(cfg, seq_len, world)
+    loss_chunk = cfg.loss_chunk_tokens
+    if loss_chunk is None:
+        loss_chunk = auto_loss_chunk(model.cfg.vocab_size)
     total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
     ckpt_dir = checkpoint_dir(run_dir)
     step, tokens = 0, 0
@@ -160,12 +171,11 @@ def train(
                 gradient_sync(forward, i == accum - 1),
                 torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=autocast),
             ):
-                logits = forward(batch.input_ids, batch.positions)
-                loss = F.cross_entropy(  # fp32 reduction over the whole step's targets
-                    logits.float().flatten(0, 1),
-                    batch.labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
+                loss = forward(  # fp32 sum, divided by the whole step's targets
+                    batch.input_ids,
+                    batch.positions,
+                    labels=batch.labels,
+                    loss_chunk_tokens=loss_chunk,
                 ) / max(targets, 1)
                 (loss * world).backward()  # gradients are averaged over ranks: undo the 1/world
             loss_sum += loss.item()

@@ -5,8 +5,8 @@ The order is torchtitan's: checkpointing wraps each block's forward, compile tra
 checkpointed block, and FSDP shards the compiled blocks so each block's parameters are gathered
 just before it runs. With bf16 under FSDP, `MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)` computes in bf16 and reduces gradients in fp32 (ChuXin's recipe) while the
-sharded master weights and the optimizer stay fp32. One process: the model is left as it is
-(compiled if asked) and the loop uses autocast.
+sharded master weights and the optimizer stay fp32. One process: the model is left as it is, or
+compiled whole, and the loop uses autocast.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -84,11 +84,11 @@ def parallelize(
     """The module the training step calls; `model` itself keeps its parameters (sharded in place
     under FSDP) for the optimizer and checkpoints."""
     apply_activation_checkpointing(model, cfg)
-    if compile:
+    if not is_distributed():
+        return cast(nn.Module, torch.compile(model)) if compile else model  # most fusion
+    if compile:  # per block, so FSDP's hooks stay between the compiled regions
         for block in model.layers:
             block.compile()
-    if not is_distributed():
-        return model
     if cfg.strategy == "ddp":
         device_ids = [model.embed_tokens.weight.device] if torch.cuda.is_available() else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
