@@ -23,14 +23,16 @@ import random
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,48 @@ def save_checkpoint(
 ) -> Path:
     """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`
     (and, with keep_best, the one with the lowest held-out loss)."""
+    return start_checkpoint(directory, model, optimizer, state, keep_last, keep_best).finish()
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose files are being written; `finish` waits for them, then writes the
+    manifest and renames it into place (until then the previous checkpoint is the latest)."""
+
+    directory: Path
+    tmp: Path
+    final: Path
+    keep_last: int
+    keep_best: bool
+    writing: Future[Any] | None = None
+
+    def finish(self) -> Path:
+        if self.writing is not None:
+            self.writing.result()
+        _barrier()
+        if _rank() == 0:
+            _write_manifest(self.tmp)
+            if self.final.exists():
+                shutil.rmtree(self.final)
+            self.tmp.rename(self.final)
+            _fsync_dir(self.directory)
+            _prune(self.directory, self.keep_last, self.keep_best)
+            log.info("saved checkpoint %s", self.final)
+        _barrier()
+        return self.final
+
+
+def start_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    keep_last: int = 2,
+    keep_best: bool = False,
+    asynchronous: bool = False,
+) -> PendingCheckpoint:
+    """Write a checkpoint's files under a temporary name. Asynchronous: the optimizer state is
+    copied, then written by a background thread while training goes on."""
     import torch.distributed.checkpoint as dcp
 
     final = directory / f"step_{state.step:08d}"
@@ -76,12 +120,24 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     full = _full_model_state(model)  # collective: gathers shards onto rank 0
+    optim_state = {"optimizer": _sharded_optimizer_state(model, optimizer)}
+    pending = PendingCheckpoint(directory, tmp, final, keep_last, keep_best)
     with _single_process_is_intended():
-        dcp.save(
-            {"optimizer": _sharded_optimizer_state(model, optimizer)},
-            checkpoint_id=tmp / "optimizer",
-            no_dist=not _distributed(),
-        )
+        if asynchronous:  # a private copy: the next optimizer steps update the live tensors
+            staged = tree_map(
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, optim_state
+            )
+            pending.writing = cast(
+                Future,
+                dcp.async_save(
+                    staged,
+                    checkpoint_id=tmp / "optimizer",
+                    process_group=_checkpoint_group(),
+                    no_dist=not _distributed(),
+                ),
+            )
+        else:
+            dcp.save(optim_state, checkpoint_id=tmp / "optimizer", no_dist=not _distributed())
     if _rank() == 0:
         save_file(full, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         torch.save(_rng_state(), tmp / "rng.pt")
@@ -94,15 +150,20 @@ def save_checkpoint(
             "val_loss": state.val_loss,
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
-        _write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync_dir(directory)
-        _prune(directory, keep_last, keep_best)
-        log.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+    return pending
+
+
+_CHECKPOINT_GROUP: list[Any] = []
+
+
+def _checkpoint_group() -> Any:
+    """A gloo group of its own for background saves, so their collectives never interleave
+    with the training step's (created once, by every rank, on the first async save)."""
+    if not _distributed():
+        return None
+    if not _CHECKPOINT_GROUP:
+        _CHECKPOINT_GROUP.append(torch.distributed.new_group(backend="gloo"))
+    return _CHECKPOINT_GROUP[0]
 
 
 def completed_checkpoints(directory: Path) -> list[Path]:

@@ -140,3 +140,32 @@ def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path
     assert last is not None and last.name == f"step_{len(records):08d}"
     consumed = json.loads((last / "trainer.json").read_text())["loader"]["consumed"]
     assert [len(v) for v in consumed.values()] == [1, 0, 1]  # nobody reached a second epoch
+
+
+def test_async_save_writes_the_same_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
+    """Optimizer state written in the background while training goes on holds the values of
+    its own step, not later ones: every checkpoint equals the synchronous run's."""
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.model.llama import Llama
+    from lmforge.train.optim import build_optimizer
+
+    other = _sibling_run(tiny_run, tmp_path / "async")
+    common = ["train.precision=fp32", "train.save_every_steps=4", "train.max_tokens=4096"]
+    _pretrain_in_process(tiny_run, *common)
+    _pretrain_in_process(other, *common, "train.async_save=true")
+    recipe = load_recipe(None, [*TINY_OVERRIDES, *common])
+    for name in ("step_00000004", "step_00000008"):
+        states = []
+        for run in (tiny_run, other):
+            model = Llama(recipe.model)
+            opt = build_optimizer(model, recipe.optim)
+            state = load_checkpoint(run / "checkpoints" / name, model, opt)  # verifies checksums
+            states.append((state.step, model.state_dict(), opt.state_dict()["state"]))
+        (step_a, model_a, opt_a), (step_b, model_b, opt_b) = states
+        assert step_a == step_b and opt_a.keys() == opt_b.keys()
+        for k in model_a:
+            assert torch.equal(model_a[k], model_b[k]), k
+        for i in opt_a:
+            for k, v in opt_a[i].items():
+                assert torch.equal(v, opt_b[i][k]), (name, i, k)
+    assert not list((other / "checkpoints").glob(".tmp-*"))

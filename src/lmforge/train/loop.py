@@ -21,11 +21,12 @@ from typing import Any, Literal
 import torch
 
 from lmforge.checkpoint import (
+    PendingCheckpoint,
     TrainerState,
     checkpoint_dir,
     latest_checkpoint,
     load_newest_good,
-    save_checkpoint,
+    start_checkpoint,
 )
 from lmforge.data.loader import PackedLoader
 from lmforge.data.packing import PackedBatch
@@ -72,6 +73,9 @@ class TrainConfig:
     """Checkpoint every this many steps, and always at the end."""
     keep_last: int = 2
     """Completed checkpoints to keep."""
+    async_save: bool = False
+    """Write the optimizer state in a background thread while training continues (finished,
+    checksummed and renamed into place before the next save and at the end)."""
     keep_best: bool = False
     """Also keep the checkpoint with the lowest held-out loss (save on eval steps to score
     every checkpoint: eval.every_steps = save_every_steps)."""
@@ -151,6 +155,15 @@ def train(
     last_step = min(total_steps, cfg.stop_at_step or total_steps)
     bar = progress(total_steps, "pretrain", initial=step, unit="step")
     saved_step = step
+    pending: PendingCheckpoint | None = None
+
+    def save(val_loss: float | None = None) -> PendingCheckpoint:
+        if pending is not None:  # one save in flight at a time
+            pending.finish()
+        state = TrainerState(step, tokens, loader.state_dict(), recipe, val_loss)
+        args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
+        return start_checkpoint(*args)
+
     while step < last_step:
         t0 = time.perf_counter()
         lr = lr_at(tokens, cfg.max_tokens, optim_cfg.lr, schedule)
@@ -160,8 +173,7 @@ def train(
         if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
             log.warning("data exhausted after step %d (%d tokens): stopping early", step, tokens)
             if step > saved_step:
-                state = TrainerState(step, tokens, loader.state_dict(), recipe)
-                save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best)
+                pending = save()
             break
         targets = all_reduce_sum(sum(b.num_targets for b in micro), device)
         loss_sum = 0.0
@@ -214,10 +226,10 @@ def train(
         if step % cfg.log_every_steps == 0 or step == total_steps or "val_loss" in record:
             log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
         if step % cfg.save_every_steps == 0 or step == last_step:
-            val_loss = record.get("val_loss")
-            state = TrainerState(step, tokens, loader.state_dict(), recipe, val_loss)
-            save_checkpoint(ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best)
+            pending = save(record.get("val_loss"))
             saved_step = step
+    if pending is not None:
+        pending.finish()
     bar.close()
     if metrics is not None:
         metrics.close()
