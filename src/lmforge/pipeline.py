@@ -34,7 +34,7 @@ from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import train
-from lmforge.train.parallelize import init_distributed
+from lmforge.train.parallelize import init_distributed, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +114,22 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         device = resolve_device(recipe.train.device)
         return perplexity(m, val, recipe, special, device, recipe.eval.max_batches)
 
-    return train(
-        model,
-        loader,
-        recipe.train,
-        recipe.optim,
-        recipe.schedule,
-        paths.root,
-        recipe_to_dict(recipe),
-        evaluate,
-        recipe.eval.every_steps,
-        resume,
-        recipe.parallel,
-    )
+    try:
+        return train(
+            model,
+            loader,
+            recipe.train,
+            recipe.optim,
+            recipe.schedule,
+            paths.root,
+            recipe_to_dict(recipe),
+            evaluate,
+            recipe.eval.every_steps,
+            resume,
+            recipe.parallel,
+        )
+    finally:
+        shutdown_distributed()
 
 
 def mixture_sources(recipe: Recipe, shards: Path, tokenizer_sha256: str) -> list[MixtureSource]:

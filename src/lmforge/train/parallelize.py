@@ -63,6 +63,12 @@ def init_distributed(cfg: ParallelConfig) -> None:
     log.info("process group: %s, world %d", backend, dist.get_world_size())
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group this process joined (no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
