@@ -14,6 +14,7 @@ from lmforge.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
     load_newest_good,
     save_checkpoint,
 )
@@ -61,6 +62,32 @@ def test_tied_embeddings_survive_a_round_trip(tiny_cfg: ModelConfig, tmp_path: P
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_without_consolidated_weights_the_sharded_state_restores_everything(
+    tiny_cfg: ModelConfig, tmp_path: Path, tied: bool
+) -> None:
+    cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": tied})
+    model, opt = _trained(cfg)
+    state = TrainerState(3, 300, {}, {"seed": 1})
+    path = save_checkpoint(tmp_path, model, opt, state, consolidate=False)
+    assert not (path / "model.safetensors").exists() and (path / "state" / ".metadata").exists()
+    fresh = Llama(cfg)
+    fresh_opt = build_optimizer(fresh, OptimConfig())
+    assert load_checkpoint(path, fresh, fresh_opt).step == 3
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    for i, per_param in opt.state_dict()["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(fresh_opt.state_dict()["state"][i][key], value), (i, key)
+    weights_only = Llama(cfg)  # eval/export: no optimizer
+    load_model_weights(path, weights_only)
+    assert torch.equal(weights_only.lm_head.weight, model.lm_head.weight)
+    assert (weights_only.lm_head.weight is weights_only.embed_tokens.weight) == tied
+    other = Llama(ModelConfig(**{**cfg.__dict__, "d_model": 32, "num_heads": 2, "num_kv_heads": 1}))
+    with pytest.raises(CheckpointError, match="state: does not fit the model"):
+        load_model_weights(path, other)
+
+
 def test_truncated_checkpoint_is_detected_by_name(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
     model, opt = _trained(tiny_cfg)
     path = _save(tmp_path, model, opt, 1)
@@ -70,11 +97,11 @@ def test_truncated_checkpoint_is_detected_by_name(tiny_cfg: ModelConfig, tmp_pat
     with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated"):
         load_checkpoint(path, Llama(tiny_cfg))
     weights.write_bytes(good)
-    shard = path / "optimizer" / "__0_0.distcp"  # the optimizer state, one DCP file per rank
+    shard = path / "state" / "__0_0.distcp"  # model + optimizer state, one DCP file per rank
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match=r"optimizer/__0_0\.distcp: checksum mismatch"):
+    with pytest.raises(CheckpointError, match=r"state/__0_0\.distcp: checksum mismatch"):
         load_checkpoint(path, Llama(tiny_cfg))
 
 

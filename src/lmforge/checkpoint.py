@@ -1,8 +1,9 @@
 """Save and load training checkpoints atomically, and verify them on load.
 
-A checkpoint is a directory `step_00000100/` holding the full model (`model.safetensors`, what
-eval, generate and export read), the optimizer state as a `torch.distributed.checkpoint`
-folder (`optimizer/`, one shard file per rank, reloadable at any world size), RNG states and
+A checkpoint is a directory `step_00000100/` holding the model and optimizer state as a
+`torch.distributed.checkpoint` folder (`state/`, one shard file per rank, reloadable at any
+world size), the full model gathered into `model.safetensors` unless `consolidate` is off (what
+eval, generate and export read first; without it they read `state/`), RNG states and
 `trainer.json` (step, tokens, loader state, recipe), plus `MANIFEST.json` with every file's
 size and sha256. Rank 0 writes it under a temporary name and renames it into place once every
 rank has written its shard, so a kill mid-save leaves the previous checkpoint as the latest
@@ -32,13 +33,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 FORMAT = "lmforge-checkpoint-v2"
-"""v2: the optimizer state is a DCP folder keyed by parameter name (v1: one optimizer.pt)."""
+"""v2: model and optimizer state in a DCP folder keyed by parameter name (v1: optimizer.pt)."""
+STATE = "state"
 
 
 class CheckpointError(RuntimeError):
@@ -66,10 +69,12 @@ def save_checkpoint(
     state: TrainerState,
     keep_last: int = 2,
     keep_best: bool = False,
+    consolidate: bool = True,
 ) -> Path:
     """Write `directory/step_XXXXXXXX` atomically and prune all but the newest `keep_last`
     (and, with keep_best, the one with the lowest held-out loss)."""
-    return start_checkpoint(directory, model, optimizer, state, keep_last, keep_best).finish()
+    args = (directory, model, optimizer, state, keep_last, keep_best)
+    return start_checkpoint(*args, consolidate=consolidate).finish()
 
 
 @dataclass
@@ -108,9 +113,11 @@ def start_checkpoint(
     keep_last: int = 2,
     keep_best: bool = False,
     asynchronous: bool = False,
+    consolidate: bool = True,
 ) -> PendingCheckpoint:
-    """Write a checkpoint's files under a temporary name. Asynchronous: the optimizer state is
-    copied, then written by a background thread while training goes on."""
+    """Write a checkpoint's files under a temporary name. Asynchronous: the sharded state is
+    copied, then written by a background thread while training goes on. consolidate: also
+    gather the full weights into model.safetensors on rank 0."""
     import torch.distributed.checkpoint as dcp
 
     final = directory / f"step_{state.step:08d}"
@@ -119,27 +126,31 @@ def start_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    full = _full_model_state(model)  # collective: gathers shards onto rank 0
-    optim_state = {"optimizer": _sharded_optimizer_state(model, optimizer)}
+    full = _full_model_state(model) if consolidate else {}  # collective: onto rank 0
+    sharded = {
+        "model": get_model_state_dict(model),
+        "optimizer": _sharded_optimizer_state(model, optimizer),
+    }
     pending = PendingCheckpoint(directory, tmp, final, keep_last, keep_best)
     with _single_process_is_intended():
         if asynchronous:  # a private copy: the next optimizer steps update the live tensors
             staged = tree_map(
-                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, optim_state
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, sharded
             )
             pending.writing = cast(
                 Future,
                 dcp.async_save(
                     staged,
-                    checkpoint_id=tmp / "optimizer",
+                    checkpoint_id=tmp / STATE,
                     process_group=_checkpoint_group(),
                     no_dist=not _distributed(),
                 ),
             )
         else:
-            dcp.save(optim_state, checkpoint_id=tmp / "optimizer", no_dist=not _distributed())
+            dcp.save(sharded, checkpoint_id=tmp / STATE, no_dist=not _distributed())
     if _rank() == 0:
-        save_file(full, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if consolidate:
+            save_file(full, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         torch.save(_rng_state(), tmp / "rng.pt")
         trainer = {
             "format": FORMAT,
@@ -212,22 +223,24 @@ def load_checkpoint(
 ) -> TrainerState:
     """Verify, then restore the model, optimizer and RNG states; return the trainer state.
 
-    The model may be sharded (FSDP2) or not, at any world size: each rank reads the full
-    weights and keeps its shard; DCP reshards the optimizer state to the current ranks."""
+    The model may be sharded (FSDP2) or not, at any world size: DCP reshards the saved state
+    to the current ranks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     verify_checkpoint(path)
-    _restore_model(path, model)
-    if optimizer is not None:
-        if not (path / "optimizer" / ".metadata").exists():
+    if optimizer is None:
+        _restore_model(path, model)
+    else:
+        if not (path / STATE / ".metadata").exists():
             raise CheckpointError(
-                f"{path}: no optimizer/ folder (a {FORMAT} checkpoint has one); an older"
+                f"{path}: no {STATE}/ folder (a {FORMAT} checkpoint has one); an older"
                 " checkpoint's weights still load for eval/export, but it cannot be resumed"
             )
+        _load_sharded_model(path, model)
         template = {"optimizer": _sharded_optimizer_state(model, optimizer)}
         with _single_process_is_intended():
-            dcp.load(template, checkpoint_id=path / "optimizer", no_dist=not _distributed())
+            dcp.load(template, checkpoint_id=path / STATE, no_dist=not _distributed())
         set_optimizer_state_dict(model, optimizer, template["optimizer"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     trainer = json.loads((path / "trainer.json").read_text())
@@ -252,9 +265,29 @@ def read_recipe(path: Path) -> dict[str, Any]:
     return json.loads((path / "trainer.json").read_text())["recipe"]
 
 
+def _load_sharded_model(path: Path, model: nn.Module) -> None:
+    """The weights from the DCP folder, each rank reading the pieces of its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    template = {"model": get_model_state_dict(model)}
+    try:
+        with _single_process_is_intended():
+            dcp.load(template, checkpoint_id=path / STATE, no_dist=not _distributed())
+    except (CheckpointException, RuntimeError, ValueError) as e:  # a BaseException, a traceback
+        reason = str(e).strip().splitlines()[-1]
+        raise CheckpointError(f"{path / STATE}: does not fit the model: {reason}") from None
+    set_model_state_dict(model, template["model"])
+
+
 def _restore_model(path: Path, model: nn.Module) -> None:
+    """Weights for eval/export: the consolidated file if the checkpoint has one, else DCP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    if not (path / "model.safetensors").exists():
+        _load_sharded_model(path, model)
+        return
     state: dict[str, Any] = load_file(str(path / "model.safetensors"), device="cpu")
     expected = set(_plain_keys(model))
     missing = sorted(expected - set(state))
@@ -325,10 +358,14 @@ def _sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 @contextlib.contextmanager
 def _single_process_is_intended() -> Iterator[None]:
-    """DCP warns on every single-process save/load; without a process group that is our plan."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-        yield
+    """DCP warns on every single-process save/load; without a process group that is our plan.
+
+    A process-wide filter rather than `catch_warnings`: an async save warns from its own
+    thread after this block has exited, and `catch_warnings` is not thread-safe."""
+    warnings.filterwarnings(
+        "ignore", message="torch.distributed is disabled, unavailable", category=UserWarning
+    )
+    yield
 
 
 def _distributed() -> bool:

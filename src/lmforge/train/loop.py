@@ -76,6 +76,9 @@ class TrainConfig:
     async_save: bool = False
     """Write the optimizer state in a background thread while training continues (finished,
     checksummed and renamed into place before the next save and at the end)."""
+    save_consolidated: bool = True
+    """Also gather the full weights into model.safetensors on rank 0 at each save; off, only
+    the sharded state is written (eval/export read it in one process)."""
     keep_best: bool = False
     """Also keep the checkpoint with the lowest held-out loss (save on eval steps to score
     every checkpoint: eval.every_steps = save_every_steps)."""
@@ -162,7 +165,7 @@ def train(
             pending.finish()
         state = TrainerState(step, tokens, loader.state_dict(), recipe, val_loss)
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
-        return start_checkpoint(*args)
+        return start_checkpoint(*args, consolidate=cfg.save_consolidated)
 
     while step < last_step:
         t0 = time.perf_counter()
