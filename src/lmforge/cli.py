@@ -23,6 +23,7 @@ from lmforge.data.tokenizer_report import markdown_table
 from lmforge.dist import rank
 from lmforge.logs import setup_logging
 from lmforge.recipe import Recipe, RecipeError, load_recipe
+from lmforge.train.stages import total_tokens
 
 USER_ERRORS = (
     RecipeError,
@@ -69,7 +70,8 @@ def cmd_data_inspect(recipe: Recipe, args: argparse.Namespace) -> None:
             row.append(realised[name]["share"])
         rows.append(row)
     print(overview.markdown_table(header, rows))
-    print(f"\nplanned: the loader's draw replayed for train.max_tokens={recipe.train.max_tokens:,}")
+    total = total_tokens(recipe.resolved_stages())
+    print(f"\nplanned: the loader's draw replayed for the run's {total:,} tokens")
     if realised:
         at = info["realised_at"]
         print(f"realised: tokens placed in rows up to {at['checkpoint']} ({at['tokens']:,} tokens)")

@@ -35,6 +35,7 @@ from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import train
 from lmforge.train.parallelize import init_distributed, shutdown_distributed
+from lmforge.train.stages import total_tokens, trained_stage
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +107,14 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         seed=recipe.seed,
         rank=rank(),
         world_size=world_size(),
-        stages=recipe.data.mixture_stages,
+        stages=recipe.mixture_stages(),
     )
     val = whole_split(paths.shards, "val", tokenizer.sha256)
 
-    def evaluate(m: Llama) -> dict[str, float]:
+    def evaluate(m: Llama, seq_len: int) -> dict[str, float]:
         device = resolve_device(recipe.train.device)
-        return perplexity(m, val, recipe, special, device, recipe.eval.max_batches)
+        at_len = replace(recipe, packing=replace(recipe.packing, seq_len=seq_len))
+        return perplexity(m, val, at_len, special, device, recipe.eval.max_batches)
 
     try:
         return train(
@@ -120,7 +122,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
             loader,
             recipe.train,
             recipe.optim,
-            recipe.schedule,
+            recipe.resolved_stages(),
             paths.root,
             recipe_to_dict(recipe),
             evaluate,
@@ -174,8 +176,17 @@ def perplexity(
 
 
 def load_trained(checkpoint: Path) -> tuple[Llama, Recipe]:
-    """The model in a checkpoint, built from the recipe saved with it."""
-    recipe = build(Recipe, read_recipe(checkpoint), str(checkpoint / "trainer.json"), "")
+    """The model in a checkpoint and the recipe saved with it, narrowed to the stage its weights
+    were last trained in: that stage's RoPE base and row length, no further stages."""
+    saved = build(Recipe, read_recipe(checkpoint), str(checkpoint / "trainer.json"), "")
+    tokens = json.loads((checkpoint / "trainer.json").read_text())["tokens"]
+    stage = trained_stage(saved.resolved_stages(), tokens)
+    recipe = replace(
+        saved,
+        model=replace(saved.model, rope_theta=stage.rope_theta),
+        packing=replace(saved.packing, seq_len=stage.seq_len),
+        stages=(),
+    )
     model = Llama(recipe.model)
     load_model_weights(checkpoint, model)
     return model.eval(), recipe
@@ -422,7 +433,7 @@ def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
         },
         "target_share": target_shares(sources),
         "planned": planned_mixture(
-            sources, recipe.data.mixture_stages, recipe.seed, recipe.train.max_tokens
+            sources, recipe.mixture_stages(), recipe.seed, total_tokens(recipe.resolved_stages())
         ),
     }
     last = latest_checkpoint(paths.checkpoints)
@@ -437,7 +448,7 @@ def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
         num_rows,
         special,
         seed=recipe.seed,
-        stages=recipe.data.mixture_stages,
+        stages=recipe.mixture_stages(),
     )
     result["rows"] = decode_rows(next(iter(loader)), tokenizer, num_rows)
     return result

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.data.mixture import MixtureStage
 from lmforge.data.packing import PackingConfig
 from lmforge.data.tokenize import DataConfig
 from lmforge.data.tokenizer import TokenizerConfig
@@ -26,6 +27,7 @@ from lmforge.train.loop import TrainConfig
 from lmforge.train.optim import OptimConfig
 from lmforge.train.parallelize import ParallelConfig
 from lmforge.train.schedule import ScheduleConfig
+from lmforge.train.stages import RunDefaults, Stage, StageConfig, resolve_stages
 
 
 class RecipeError(ValueError):
@@ -50,11 +52,47 @@ class Recipe:
     packing: PackingConfig = field(default_factory=PackingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stages: tuple[StageConfig, ...] = ()
+    """Training stages in order (train/stages.py); none: one run of train.max_tokens at
+    packing.seq_len with the `schedule` curve."""
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def __post_init__(self) -> None:
+        names = {s.name for s in self.data.sources}
+        for i, stage in enumerate(self.stages):
+            unknown = set(stage.mixture) - names
+            if unknown:
+                raise ValueError(
+                    f"stages[{i}].mixture: unknown sources {sorted(unknown)}; have {sorted(names)}"
+                )
+        self.resolved_stages()  # inconsistent stages fail when the recipe loads
+
+    def resolved_stages(self) -> tuple[Stage, ...]:
+        defaults = RunDefaults(
+            max_tokens=self.train.max_tokens,
+            batch_tokens=self.train.batch_tokens,
+            micro_batch_size=self.train.micro_batch_size,
+            seq_len=self.packing.seq_len,
+            rope_theta=self.model.rope_theta,
+            head_dim=self.model.head_dim,
+            lr=self.optim.lr,
+            schedule=self.schedule,
+        )
+        return resolve_stages(self.stages, defaults)
+
+    def mixture_stages(self) -> tuple[MixtureStage, ...]:
+        """data.mixture_stages plus a switch at the start of each stage that sets a mixture
+        (a source it leaves out keeps the weight an earlier stage gave it)."""
+        switches, weights = [], {}
+        for stage in self.resolved_stages():
+            if stage.mixture:
+                weights = {**weights, **stage.mixture}
+                switches.append(MixtureStage(from_tokens=stage.start, weights=weights))
+        return tuple(sorted((*self.data.mixture_stages, *switches), key=lambda m: m.from_tokens))
 
 
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.train.schedule import ScheduleConfig, lr_at
+from lmforge.train.schedule import ScheduleConfig
+from lmforge.train.stages import RunDefaults, resolve_stages, stage_at
 
 CFG = ScheduleConfig(
     warmup_tokens=100, cooldown_tokens=200, cosine_min_ratio=0.1, final_lr_ratio=0.0
 )
+
+
+def lr_at(tokens: int, total: int, peak: float, cfg: ScheduleConfig, batch: int = 10) -> float:
+    """The lr of a recipe without stages: its schedule as the pretrain + cooldown stages."""
+    run = RunDefaults(total, batch, 1, 10, 10_000.0, 8, peak, cfg)
+    return stage_at(resolve_stages((), run), tokens).lr_at(tokens)
 
 
 def test_warmup_cosine_cooldown_shape() -> None:
@@ -29,3 +36,8 @@ def test_warmup_cosine_cooldown_shape() -> None:
 def test_budget_shorter_than_warmup_plus_cooldown() -> None:
     values = [lr_at(t, 150, 1.0, CFG) for t in range(0, 151, 5)]
     assert max(values) <= 1.0 and values[-1] == pytest.approx(0.0)
+
+
+def test_cooldown_boundary_rounds_to_whole_steps() -> None:
+    stages = resolve_stages((), RunDefaults(1000, 300, 1, 10, 1e4, 8, 1.0, CFG))
+    assert [(s.name, s.start, s.steps) for s in stages] == [("pretrain", 0, 3), ("cooldown", 900, 1)]

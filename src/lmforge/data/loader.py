@@ -130,6 +130,12 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.state = LoaderState(StreamState.start(len(sources)), consumed=((),) * len(sources))
 
+    def reshape(self, seq_len: int, batch_size: int) -> None:
+        """Cut the rows that follow at another length, `batch_size` at a time (a training stage
+        boundary); the stream goes on where it was."""
+        self.packing = replace(self.packing, seq_len=seq_len)
+        self.batch_size = batch_size
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON data; the same on every rank (the row order is global)."""
         st = self.state

@@ -5,16 +5,17 @@ micro-batch size, the sequence length and the world size. The loss of a step is 
 all its target tokens on all ranks (summed per micro-batch, divided by the step's global
 total), so 4 micro-batches of 1 row equal 1 micro-batch of 4 rows, and 2 ranks equal 1.
 Distribution itself lives in parallelize.py; under torchrun every rank runs this function.
+At a stage boundary (stages.py) the row length, micro-batch, accumulation and RoPE base switch
+between two steps; the data stream continues where it was.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +44,7 @@ from lmforge.train.parallelize import (
     parallelize,
     uses_autocast,
 )
-from lmforge.train.schedule import ScheduleConfig, lr_at
+from lmforge.train.stages import Stage, stage_at, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     max_tokens: int = 1_200_000
-    """Training budget in tokens (inputs seen, padding included)."""
+    """Training budget in tokens (inputs seen, padding included); with `stages`, their budgets
+    sum to the total instead."""
     batch_tokens: int = 2048
     """Global tokens per optimizer step; must be a multiple of micro_batch_size·seq_len·world.
     The demo's small value buys steps: at 1.2M tokens, 2,048 reaches a held-out loss 0.46 lower
@@ -94,14 +96,15 @@ def auto_loss_chunk(vocab_size: int) -> int:
     return max(1, 2**24 // vocab_size)
 
 
-def grad_accum_steps(cfg: TrainConfig, seq_len: int, world: int) -> int:
-    per_pass = cfg.micro_batch_size * seq_len * world
-    if cfg.batch_tokens % per_pass:
+def grad_accum_steps(stage: Stage, world: int) -> int:
+    per_pass = stage.micro_batch_size * stage.seq_len * world
+    if stage.batch_tokens % per_pass:
         raise ValueError(
-            f"train.batch_tokens {cfg.batch_tokens} is not a multiple of micro_batch_size "
-            f"{cfg.micro_batch_size} × seq_len {seq_len} × world {world} = {per_pass}"
+            f"stage {stage.name!r}: batch_tokens {stage.batch_tokens} is not a multiple of "
+            f"micro_batch_size {stage.micro_batch_size} × seq_len {stage.seq_len} × world "
+            f"{world} = {per_pass}"
         )
-    return cfg.batch_tokens // per_pass
+    return stage.batch_tokens // per_pass
 
 
 def train(
@@ -109,16 +112,17 @@ def train(
     loader: PackedLoader,
     cfg: TrainConfig,
     optim_cfg: OptimConfig,
-    schedule: ScheduleConfig,
+    stages: tuple[Stage, ...],
     run_dir: Path,
     recipe: dict[str, Any],
-    evaluate: Callable[[Llama], dict[str, float]] | None = None,
+    evaluate: Callable[[Llama, int], dict[str, float]] | None = None,
     eval_every_steps: int = 0,
     resume: bool = False,
     parallel: ParallelConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Train until cfg.max_tokens; return the per-step metric records of this call (rank 0
-    writes metrics and logs; every rank returns its records)."""
+    """Train through the stages; return the per-step metric records of this call (rank 0
+    writes metrics and logs; every rank returns its records). `evaluate(model, seq_len)` gives
+    held-out metrics at the current row length."""
     parallel = parallel or ParallelConfig()
     device = resolve_device(cfg.device)
     world = world_size()
@@ -127,12 +131,12 @@ def train(
     forward = parallelize(model, parallel, amp_dtype, cfg.compile)
     autocast = amp_dtype is not None and uses_autocast(parallel)
     optimizer = build_optimizer(model, optim_cfg)
-    seq_len = loader.packing.seq_len
-    accum = grad_accum_steps(cfg, seq_len, world)
+    for stage in stages:
+        grad_accum_steps(stage, world)  # a misfit batch of a later stage fails now, not then
     loss_chunk = cfg.loss_chunk_tokens
     if loss_chunk is None:
         loss_chunk = auto_loss_chunk(model.cfg.vocab_size)
-    total_steps = math.ceil(cfg.max_tokens / cfg.batch_tokens)
+    last_step = total_steps(stages)
     ckpt_dir = checkpoint_dir(run_dir)
     step, tokens = 0, 0
     last = latest_checkpoint(ckpt_dir)
@@ -151,12 +155,12 @@ def train(
     if rank() == 0:
         _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past it are redone
     peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
-    flops_per_token = model.cfg.flops_per_token(seq_len)
-    batches: Iterator[PackedBatch] = iter(loader)
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank() == 0 else None
     records: list[dict[str, Any]] = []
-    last_step = min(total_steps, cfg.stop_at_step or total_steps)
-    bar = progress(total_steps, "pretrain", initial=step, unit="step")
+    end_step = min(last_step, cfg.stop_at_step or last_step)
+    bar = progress(last_step, "pretrain", initial=step, unit="step")
+    active: Stage | None = None
+    batches: Iterator[PackedBatch] = iter(())
     saved_step = step
     pending: PendingCheckpoint | None = None
 
@@ -167,9 +171,18 @@ def train(
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
         return start_checkpoint(*args, consolidate=cfg.save_consolidated)
 
-    while step < last_step:
+    while step < end_step:
+        stage = stage_at(stages, tokens)
+        if stage != active:
+            if active is not None:
+                log.info("stage %r begins at step %d (%d tokens)", stage.name, step, tokens)
+            enter_stage(model, loader, stage)
+            batches = iter(loader)
+            accum = grad_accum_steps(stage, world)
+            flops_per_token = model.cfg.flops_per_token(stage.seq_len)
+            active = stage
         t0 = time.perf_counter()
-        lr = lr_at(tokens, cfg.max_tokens, optim_cfg.lr, schedule)
+        lr = stage.lr_at(tokens)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = list(itertools.islice(batches, accum))
@@ -200,7 +213,7 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        step_tokens = accum * loader.batch_size * seq_len * world
+        step_tokens = stage.batch_tokens
         tokens += step_tokens
         dt = time.perf_counter() - t0
         record: dict[str, Any] = {
@@ -211,13 +224,15 @@ def train(
             "grad_norm": grad_norm,
             "tok_per_s": step_tokens / dt,
             "mfu": flops_per_token * step_tokens / dt / peak,
-            "seq_len": seq_len,
+            "seq_len": stage.seq_len,
+            "stage": stage.name,
+            "rope_theta": stage.rope_theta,
         }
         if evaluate is not None and (
-            step == total_steps or (eval_every_steps and step % eval_every_steps == 0)
+            step == last_step or (eval_every_steps and step % eval_every_steps == 0)
         ):
-            record.update(evaluate(model))
-        if step % cfg.log_every_steps == 0 or step == total_steps:
+            record.update(evaluate(model, stage.seq_len))
+        if step % cfg.log_every_steps == 0 or step == last_step:
             record["tokens_by_source"] = {
                 name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
             }
@@ -226,9 +241,9 @@ def train(
         records.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
-        if step % cfg.log_every_steps == 0 or step == total_steps or "val_loss" in record:
+        if step % cfg.log_every_steps == 0 or step == last_step or "val_loss" in record:
             log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-        if step % cfg.save_every_steps == 0 or step == last_step:
+        if step % cfg.save_every_steps == 0 or step == end_step:
             pending = save(record.get("val_loss"))
             saved_step = step
     if pending is not None:
@@ -237,6 +252,13 @@ def train(
     if metrics is not None:
         metrics.close()
     return records
+
+
+def enter_stage(model: Llama, loader: PackedLoader, stage: Stage) -> None:
+    """Switch the RoPE base and the row shape; the next batch is cut at the new length."""
+    if model.cfg.rope_theta != stage.rope_theta:
+        model.cfg = replace(model.cfg, rope_theta=stage.rope_theta)
+    loader.reshape(stage.seq_len, stage.micro_batch_size)
 
 
 def _fmt(v: Any) -> str:

@@ -1,13 +1,18 @@
-"""Learning rate as a pure function of tokens seen: linear warmup → cosine → linear cooldown.
+"""Learning rate as a pure function of tokens seen within one stage's segment.
 
 Token-based, not step-based, so changing the batch size or world size keeps the curve (XGen warms
-up over 375M tokens; ChuXin ends with a cooldown phase after the cosine decay).
+up over 375M tokens; ChuXin ends with a cooldown phase after the cosine decay). A recipe without
+stages describes its curve with `ScheduleConfig` (warmup → cosine → linear cooldown over the
+whole budget); stages.py turns that into two segments.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+LRShape = Literal["constant", "cosine", "linear"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,15 +27,17 @@ class ScheduleConfig:
     """The cooldown ends at this fraction of the peak."""
 
 
-def lr_at(tokens: int, total_tokens: int, peak_lr: float, cfg: ScheduleConfig) -> float:
-    """The learning rate in force after `tokens` of `total_tokens` have been trained."""
-    cooldown_start = max(total_tokens - cfg.cooldown_tokens, cfg.warmup_tokens)
-    if tokens < cfg.warmup_tokens:
-        return peak_lr * tokens / cfg.warmup_tokens
-    floor = peak_lr * cfg.cosine_min_ratio
-    if tokens < cooldown_start:
-        progress = (tokens - cfg.warmup_tokens) / (cooldown_start - cfg.warmup_tokens)
-        return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    span = max(total_tokens - cooldown_start, 1)
-    progress = min((tokens - cooldown_start) / span, 1.0)
-    return floor + (peak_lr * cfg.final_lr_ratio - floor) * progress
+def segment_lr(
+    shape: LRShape, lr: float, end_lr: float, warmup_tokens: int, into: int, span: int
+) -> float:
+    """The learning rate `into` tokens into a segment of `span` tokens: linear warmup from 0 to
+    `lr` over `warmup_tokens`, then constant at `lr`, or cosine / linear from `lr` to `end_lr`
+    by the end of the span."""
+    if into < warmup_tokens:
+        return lr * into / warmup_tokens
+    if shape == "constant":
+        return lr
+    progress = min((into - warmup_tokens) / max(span - warmup_tokens, 1), 1.0)
+    if shape == "cosine":
+        return end_lr + (lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr + (end_lr - lr) * progress
