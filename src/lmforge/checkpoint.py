@@ -25,7 +25,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,6 +56,8 @@ class TrainerState:
     recipe: dict[str, Any]
     val_loss: float | None = None
     """Held-out loss measured at this step, if any: `keep_best` keeps the lowest."""
+    guard: dict[str, Any] = field(default_factory=dict)
+    """The loss-spike guard's history, so a resumed run judges spikes as before."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -159,6 +161,7 @@ def start_checkpoint(
             "loader": state.loader,
             "recipe": state.recipe,
             "val_loss": state.val_loss,
+            "guard": state.guard,
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
     return pending
@@ -250,6 +253,7 @@ def load_checkpoint(
         trainer["loader"],
         trainer["recipe"],
         trainer.get("val_loss"),
+        trainer.get("guard", {}),
     )
 
 

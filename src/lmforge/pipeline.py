@@ -129,6 +129,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
             recipe.eval.every_steps,
             resume,
             recipe.parallel,
+            recipe.guard,
         )
     finally:
         shutdown_distributed()

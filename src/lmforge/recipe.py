@@ -23,6 +23,7 @@ from lmforge.data.tokenizer import TokenizerConfig
 from lmforge.eval.perplexity import EvalConfig
 from lmforge.generate import GenerateConfig
 from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.train.guard import GuardConfig
 from lmforge.train.loop import TrainConfig
 from lmforge.train.optim import OptimConfig
 from lmforge.train.parallelize import ParallelConfig
@@ -56,6 +57,7 @@ class Recipe:
     """Training stages in order (train/stages.py); none: one run of train.max_tokens at
     packing.seq_len with the `schedule` curve."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -87,7 +89,8 @@ class Recipe:
     def mixture_stages(self) -> tuple[MixtureStage, ...]:
         """data.mixture_stages plus a switch at the start of each stage that sets a mixture
         (a source it leaves out keeps the weight an earlier stage gave it)."""
-        switches, weights = [], {}
+        switches: list[MixtureStage] = []
+        weights: dict[str, float] = {}
         for stage in self.resolved_stages():
             if stage.mixture:
                 weights = {**weights, **stage.mixture}

@@ -40,4 +40,7 @@ def test_budget_shorter_than_warmup_plus_cooldown() -> None:
 
 def test_cooldown_boundary_rounds_to_whole_steps() -> None:
     stages = resolve_stages((), RunDefaults(1000, 300, 1, 10, 1e4, 8, 1.0, CFG))
-    assert [(s.name, s.start, s.steps) for s in stages] == [("pretrain", 0, 3), ("cooldown", 900, 1)]
+    assert [(s.name, s.start, s.steps) for s in stages] == [
+        ("pretrain", 0, 3),
+        ("cooldown", 900, 1),
+    ]

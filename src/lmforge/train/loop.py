@@ -12,6 +12,7 @@ between two steps; the data stream continues where it was.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
+from lmforge.train.guard import GuardConfig, SpikeGuard
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.parallelize import (
     ParallelConfig,
@@ -119,11 +121,13 @@ def train(
     eval_every_steps: int = 0,
     resume: bool = False,
     parallel: ParallelConfig | None = None,
+    guard_cfg: GuardConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Train through the stages; return the per-step metric records of this call (rank 0
     writes metrics and logs; every rank returns its records). `evaluate(model, seq_len)` gives
     held-out metrics at the current row length."""
     parallel = parallel or ParallelConfig()
+    guard = SpikeGuard(guard_cfg or GuardConfig())
     device = resolve_device(cfg.device)
     world = world_size()
     amp_dtype = autocast_dtype(cfg.precision, device)
@@ -151,6 +155,7 @@ def train(
         last, state = load_newest_good(ckpt_dir, model, optimizer)
         step, tokens = state.step, state.tokens
         loader.load_state_dict(state.loader)
+        guard.load_state_dict(state.guard)
         log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
     if rank() == 0:
         _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past it are redone
@@ -167,7 +172,9 @@ def train(
     def save(val_loss: float | None = None) -> PendingCheckpoint:
         if pending is not None:  # one save in flight at a time
             pending.finish()
-        state = TrainerState(step, tokens, loader.state_dict(), recipe, val_loss)
+        state = TrainerState(
+            step, tokens, loader.state_dict(), recipe, val_loss, guard.state_dict()
+        )
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
         return start_checkpoint(*args, consolidate=cfg.save_consolidated)
 
@@ -182,7 +189,8 @@ def train(
             flops_per_token = model.cfg.flops_per_token(stage.seq_len)
             active = stage
         t0 = time.perf_counter()
-        lr = stage.lr_at(tokens)
+        lr = stage.lr_at(tokens) * guard.lr_scale
+        rows_before = loader.state.rows
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = list(itertools.islice(batches, accum))
@@ -210,8 +218,50 @@ def train(
         loss_sum = all_reduce_sum(loss_sum, device)
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(model, clip)
-        optimizer.step()
+        event = guard.check(loss_sum, grad_norm)
+        if event is None:
+            optimizer.step()
+            guard.accept(loss_sum, grad_norm)
         optimizer.zero_grad(set_to_none=True)
+        if event is not None:
+            guard.record_event()
+            event = {
+                "step": step + 1,
+                "tokens": tokens,
+                "stage": stage.name,
+                **event,
+                "loss": loss_sum,
+                "grad_norm": grad_norm,
+                "action": guard.cfg.action,
+                "rows": [rows_before, loader.state.rows],
+            }
+            if guard.cfg.action == "skip_batches":
+                for _ in range(guard.cfg.skip_next * accum):
+                    next(batches, None)
+                event["rows"][1] = loader.state.rows
+            elif guard.cfg.action == "rewind":
+                if pending is not None:
+                    pending.finish()
+                    pending = None
+                rewound = rewind(ckpt_dir, model, optimizer, loader, guard)
+                if rewound is not None:
+                    step, tokens = rewound
+                    event["rewound_to_step"] = step
+            log.warning("loss-spike guard: %s", json.dumps(event))
+            if rank() == 0:
+                with (run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(event) + "\n")
+            if "rewound_to_step" in event:
+                if metrics is not None:  # the steps after the checkpoint are redone
+                    metrics.close()
+                    _truncate_metrics(run_dir / "metrics.jsonl", step)
+                    metrics = MetricsWriter(run_dir / "metrics.jsonl")
+                records = [r for r in records if r["step"] <= step]
+                saved_step = step
+                bar.n = step
+                bar.refresh()
+                active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
+                continue
         step += 1
         step_tokens = stage.batch_tokens
         tokens += step_tokens
@@ -226,6 +276,7 @@ def train(
             "mfu": flops_per_token * step_tokens / dt / peak,
             "seq_len": stage.seq_len,
             "stage": stage.name,
+            **({"guard": event["kind"]} if event is not None else {}),
             "rope_theta": stage.rope_theta,
         }
         if evaluate is not None and (
@@ -252,6 +303,29 @@ def train(
     if metrics is not None:
         metrics.close()
     return records
+
+
+def rewind(
+    ckpt_dir: Path,
+    model: Llama,
+    optimizer: torch.optim.Optimizer,
+    loader: PackedLoader,
+    guard: SpikeGuard,
+) -> tuple[int, int] | None:
+    """Reload the newest good checkpoint but keep the loader where it is, so the data from the
+    checkpoint up to the offending batch is skipped; scale the learning rate down. Returns the
+    checkpoint's (step, tokens), or None (nothing saved yet: the update is only skipped)."""
+    if latest_checkpoint(ckpt_dir) is None:
+        log.warning("loss-spike guard: no checkpoint to rewind to; the update is skipped")
+        return None
+    position, kept = loader.state_dict(), guard.state_dict()
+    path, state = load_newest_good(ckpt_dir, model, optimizer)
+    loader.load_state_dict(position)
+    guard.load_state_dict(state.guard)
+    guard.events = kept["events"]
+    guard.lr_scale = kept["lr_scale"] * guard.cfg.rewind_lr_factor
+    log.warning("loss-spike guard: rewound to %s", path)
+    return state.step, state.tokens
 
 
 def enter_stage(model: Llama, loader: PackedLoader, stage: Stage) -> None:

@@ -42,8 +42,9 @@ class StageConfig:
     the new length as it did over the old one."""
     mixture: dict[str, float] = field(default_factory=dict)
     """Source weights from this stage on (a source left out keeps the weight an earlier stage,
-    or else data.sources, gave it); empty: unchanged. The switch happens when the document stream reaches the stage's start,
-    which runs ahead of the trained tokens by less than one document."""
+    or else data.sources, gave it); empty: unchanged. The switch happens when the document
+    stream reaches the stage's start, which runs ahead of the trained tokens by less than one
+    document."""
     lr_schedule: LRShape = "cosine"
     """constant at lr, or cosine / linear from lr to end_lr over the stage (after warmup)."""
     lr: float | None = None
