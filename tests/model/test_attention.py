@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -23,7 +25,8 @@ def _packed(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, pos
 
 
-@pytest.mark.parametrize("impl", ["dense", "split"])
+@pytest.mark.parametrize("impl", ["dense", "split", "flex"])
+@torch.no_grad()  # flex has no backward on CPU
 def test_packed_logits_equal_each_document_alone(tiny_cfg: ModelConfig, impl: str) -> None:
     torch.manual_seed(0)
     model = Llama(replace(tiny_cfg, attention=impl)).eval()
@@ -119,6 +122,133 @@ def test_equal_documents_share_a_call_and_single_documents_run_plain_causal() ->
     runs = plan_document_mask(torch.cat([pos, (torch.arange(1536) % 768)[None]]), "split").runs
     assert runs == [Run(0, 3, 512), Run(1, 2, 768)]  # a piece + 2 docs; 2 docs
     _dense_vs_split([[1000, 24, 1, 1023], [512, 512, 512, 512]])
+
+
+def _positions(rows: list[list[tuple[int, int]]], device: str = "cpu") -> torch.Tensor:
+    """Rows of (first position, length) segments → (B, T) positions."""
+    return torch.stack(
+        [torch.cat([torch.arange(a, a + n, device=device) for a, n in row]) for row in rows]
+    )
+
+
+FLEX_LAYOUTS = [  # (first position, length): a first position > 0 is a row starting mid-document
+    [[(0, 300), (0, 1), (0, 211)], [(40, 100), (0, 412)]],  # T = 512: tiles cut documents
+    [[(0, 128), (0, 128), (0, 256)], [(5, 512)]],  # tile-aligned documents; one piece of one
+    [[(7, 1000), (0, 24), (0, 1), (0, 255)]],  # T = 1280, docs across many tiles
+    [[(0, 30), (0, 47)], [(0, 77)], [(9, 60), (0, 17)]],  # T = 77: one partial tile
+]
+
+
+def _dense_vs_flex(rows: list[list[tuple[int, int]]], heads: tuple[int, int], device: str) -> None:
+    """flex_document_attention equals SDPA under the dense document mask; with grads on CUDA."""
+    import torch.nn.functional as F
+
+    from lmforge.model.attention import flex_document_attention, plan_document_mask
+
+    pos = _positions(rows, device)
+    (B, T), (H, Hkv) = pos.shape, heads
+    g = torch.Generator(device).manual_seed(T)
+    grads = device == "cuda"
+    shapes = [(B, H, T, 16), (B, Hkv, T, 16), (B, Hkv, T, 16)]
+    q, k, v = (torch.randn(s, generator=g, device=device, requires_grad=grads) for s in shapes)
+    flex = plan_document_mask(pos, "flex").flex
+    assert flex is not None
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(pos), enable_gqa=True),
+        flex_document_attention(q, k, v, flex),
+    ]
+    tol = 2e-3 if grads else 1e-5  # CUDA: the fused kernel may use TF32 matmuls
+    torch.testing.assert_close(outs[1], outs[0], rtol=tol, atol=tol)
+    if grads:
+        weight = torch.randn(outs[0].shape, generator=g, device=device)
+        dense, fused = (torch.autograd.grad((o * weight).sum(), (q, k, v)) for o in outs)
+        for a, b in zip(fused, dense, strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rows", FLEX_LAYOUTS)
+def test_flex_block_mask_equals_create_block_mask(rows: list[list[tuple[int, int]]]) -> None:
+    """The tiles classified from document ranges equal those create_block_mask finds in the
+    full (T, T) mask: partial and full, by query and by key tile."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from lmforge.model.attention import document_block_mask
+
+    pos = _positions(rows)
+    (B, T), doc = pos.shape, (pos == 0).cumsum(dim=-1)
+
+    def mask_mod(
+        b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    ours, ref = document_block_mask(pos), create_block_mask(mask_mod, B, None, T, T, "cpu")
+    for name in ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices"):
+        for prefix in ("", "full_"):
+            torch.testing.assert_close(getattr(ours, prefix + name), getattr(ref, prefix + name))
+    assert ours.seq_lengths == ref.seq_lengths == (T, T)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1)])
+def test_flex_kernel_forward_equals_the_dense_mask(heads: tuple[int, int]) -> None:
+    for rows in FLEX_LAYOUTS:
+        _dense_vs_flex(rows, heads, "cpu")
+
+
+def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelConfig) -> None:
+    from lmforge.model.attention import plan_document_mask
+
+    pos = (torch.arange(2048) % 512)[None]
+    auto = plan_document_mask(pos, "auto")
+    assert auto.flex is None and len(auto.runs) == 1
+    assert not plan_document_mask(pos, "flex").causal
+    model = Llama(replace(tiny_cfg, attention="flex"))
+    with pytest.raises(ValueError, match="flex has no backward on CPU"):
+        model(*_packed(tiny_cfg.vocab_size))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex_attention is CUDA-only")
+def test_flex_on_cuda_equals_the_dense_mask_and_runs_32k_in_bounded_memory() -> None:
+    """auto picks flex on CUDA; forward + backward at T = 32768 stays far below the 4 GiB of
+    one fp32 (T, T) score matrix."""
+    from lmforge.model.attention import flex_document_attention, plan_document_mask
+
+    for rows in FLEX_LAYOUTS[:2]:
+        _dense_vs_flex(rows, (4, 2), "cuda")
+    pos = _positions([[(0, 1023), *[(0, 512)] * 62, (0, 1)]], "cuda")
+    qkv = [torch.randn(1, 2, 32768, 16, device="cuda", requires_grad=True) for _ in range(3)]
+    for _ in range(2):  # the first call compiles for this shape
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        plan = plan_document_mask(pos, "auto")
+        assert plan.flex is not None
+        flex_document_attention(*qkv, plan.flex).square().sum().backward()
+        assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
+
+
+SPLIT_32K = """
+import resource, torch
+from lmforge.model.attention import plan_document_mask, split_attention
+lengths = [1023] + [512] * 62 + [1]  # T = 32768
+pos = torch.cat([torch.arange(n) for n in lengths])[None]
+q, k, v = (torch.randn(1, 2, 32768, 16, requires_grad=True) for _ in range(3))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+split_attention(q, k, v, plan_document_mask(pos, "split")).square().sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.multiproc
+def test_split_attention_at_32k_runs_in_bounded_memory() -> None:
+    """Forward + backward at T = 32768 in a fresh process: peak RSS grows by ~40 MiB (measured),
+    asserted < 256 MiB, where one (T, T) bool mask alone is 1 GiB and fp32 scores 4 GiB."""
+    out = subprocess.run(
+        [sys.executable, "-c", SPLIT_32K], capture_output=True, text=True, check=True
+    )
+    grown_kib = int(out.stdout.split()[-1])  # ru_maxrss is KiB on Linux
+    assert grown_kib < 256 * 1024, f"peak RSS grew {grown_kib / 1024:.0f} MiB"
 
 
 @pytest.mark.parametrize("chunk", [0, 7, 16, 1000])

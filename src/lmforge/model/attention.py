@@ -2,7 +2,8 @@
 
 A packed row holds several documents; positions restart at 0 where each document starts, and
 that one tensor drives both RoPE and the mask: a token attends causally within its own document
-and never across. Two kernels, chosen by `ModelConfig.attention`:
+and never across. Three kernels, chosen by `ModelConfig.attention` ("auto": dense up to
+DENSE_MAX_SEQ_LEN, above it flex on CUDA and split elsewhere):
 
 - "dense": one SDPA call with a (B, 1, T, T) boolean mask. Simple and fast at small T, but the
   mask and the work grow with T².
@@ -11,22 +12,38 @@ and never across. Two kernels, chosen by `ModelConfig.attention`:
   sequences. Memory O(T), work Σ doc_len². On CPU it measured within 1.16x of the documents
   run unpacked, while gathering documents into padded length buckets was slower (the copies
   cost more than the saved calls; benchmarks/RESULTS.md).
-A row that is a single document skips both and runs plain causal SDPA.
+- "flex": `flex_attention` with a BlockMask of 128×128 tiles, built from each tile's first and
+  last document (O(B·(T/128)²) memory; `create_block_mask` would evaluate the full (T, T)
+  mask), and no host sync. On CUDA it runs `torch.compile`d: fused, memory O(T), work
+  Σ doc_len² rounded up to tiles. Elsewhere flex runs unfused, materializing the scores, and
+  torch (2.13) has no flex backward on CPU, compiled or not: inputs that require grad raise
+  before the forward. So on CPU flex serves forward-only (eval, checking against dense), and
+  training with it raises a ValueError instead of falling back to split: an explicit kernel
+  choice is honoured or refused, never swapped silently (a benchmark labelled flex would
+  measure split); "auto" is the setting that works on both.
+Split plans plain causal SDPA when every row is a single document (flex and dense keep a mask).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lmforge.model.config import AttentionImpl, ModelConfig
 from lmforge.model.rope import apply_rope
 
 DENSE_MAX_SEQ_LEN = 1024
-"""`attention="auto"` uses the dense mask up to this T, the split kernel above it."""
+"""`attention="auto"` uses the dense mask up to this T, the flex or split kernel above it."""
+
+FLEX_BLOCK_SIZE = 128
+"""Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
 
 
 class KVCache:
@@ -77,6 +94,62 @@ def document_lengths(positions: torch.Tensor) -> list[int]:
     return [b - a for a, b in zip(idx[:-1], idx[1:], strict=True)]
 
 
+def document_block_mask(positions: torch.Tensor, block: int = FLEX_BLOCK_SIZE) -> BlockMask:
+    """(B, T) positions → flex BlockMask of the same mask as `document_mask`.
+
+    Document ids never decrease along a row, so a query tile i sees key tile j ≤ i iff the last
+    document of j reaches the first document of i, and sees all of it iff j < i and both lie in
+    one document. Tiles are classified as `create_block_mask` does (a last, padded tile is never
+    full), from 2·T/block ids instead of the T² mask it evaluates."""
+    B, T = positions.shape
+    doc = (positions == 0).cumsum(dim=-1)  # (B, T); a row's first segment is its own even mid-doc
+    starts = torch.arange(0, T, block, device=positions.device)
+    first, last = doc[:, starts], doc[:, (starts + block).clamp(max=T) - 1]  # (B, n) per tile
+    i, j = starts[:, None], starts[None, :]
+    some = (j <= i) & (last[:, None, :] >= first[:, :, None])  # (B, n q-tiles, n kv-tiles)
+    whole = (j < i) & (first[:, None, :] == last[:, :, None])
+    if T % block:
+        whole[:, -1] = False
+    partial = some & ~whole
+
+    def ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, n) bool → per q-tile count (B, 1, n) and kv-tile indices, present ones first."""
+        counts = tiles.sum(dim=-1, dtype=torch.int32)[:, None]
+        order = torch.argsort(tiles.to(torch.int32), dim=-1, descending=True, stable=True)
+        return counts, order.to(torch.int32)[:, None]
+
+    def same_document_causal(
+        b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(whole), block, same_document_causal, seq_lengths=(T, T)
+    )
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once (on first use): fused kernels, no (T, T) scores."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """flex_attention over q (B, H, T, D), k/v (B, Hkv, T, D); compiled on CUDA only."""
+    if q.device.type == "cuda":
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError(
+            "model.attention: flex has no backward on CPU (torch refuses it); train on CPU "
+            "with attention auto or split, or run this forward under torch.no_grad()"
+        )
+    with warnings.catch_warnings():  # unfused is expected here: see the module docstring
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 @dataclass(frozen=True)
 class Run:
     """`docs` consecutive documents of `length` tokens in batch row `row`."""
@@ -89,15 +162,16 @@ class Run:
 @dataclass(frozen=True)
 class DocumentMask:
     """The document mask of one forward pass, planned once and shared by every layer: a dense
-    (B, 1, T, T) mask, runs of equal-length documents (split kernel), or neither (one document
-    per row: plain causal attention)."""
+    (B, 1, T, T) mask, runs of equal-length documents (split kernel), a flex BlockMask, or none
+    of them (one document per row: plain causal attention)."""
 
     dense: torch.Tensor | None = None
     runs: list[Run] = field(default_factory=list)
+    flex: BlockMask | None = None
 
     @property
     def causal(self) -> bool:
-        return self.dense is None and not self.runs
+        return self.dense is None and not self.runs and self.flex is None
 
 
 def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
@@ -105,6 +179,8 @@ def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> Document
     B, T = positions.shape
     if impl == "dense" or (impl == "auto" and T <= DENSE_MAX_SEQ_LEN):
         return DocumentMask(dense=document_mask(positions))
+    if impl == "flex" or (impl == "auto" and positions.device.type == "cuda"):
+        return DocumentMask(flex=document_block_mask(positions))
     lengths = document_lengths(positions)
     if len(lengths) == B:  # every row is one document (or one piece of one)
         return DocumentMask()
@@ -189,6 +265,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif mask.dense is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
+        elif mask.flex is not None:
+            y = flex_document_attention(q, k, v, mask.flex)
         else:
             y = split_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-AttentionImpl = Literal["auto", "dense", "split"]
+AttentionImpl = Literal["auto", "dense", "split", "flex"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +31,8 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init; residual output projections are scaled by 1/sqrt(2*num_layers)."""
     attention: AttentionImpl = "auto"
-    """Document-masked attention kernel: dense bool mask, per-document SDPA split, or auto by T."""
+    """Document-masked attention kernel: dense bool mask, per-document SDPA split, flex_attention
+    block mask (CUDA; forward-only on CPU), or auto by T and device (model/attention.py)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
