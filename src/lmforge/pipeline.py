@@ -27,7 +27,7 @@ from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenize
 from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.eval.perplexity import evaluate_perplexity, loss_by_position, position_bins
-from lmforge.export import export_hf
+from lmforge.export import export_hf, import_hf
 from lmforge.generate import GenerateConfig, generate_text
 from lmforge.logs import progress
 from lmforge.model.llama import Llama
@@ -98,6 +98,8 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
+    if recipe.train.init_from is not None:
+        load_initial_weights(model, Path(recipe.train.init_from))
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     loader = PackedLoader(
         mixture_sources(recipe, paths.shards, tokenizer.sha256),
@@ -133,6 +135,27 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         )
     finally:
         shutdown_distributed()
+
+
+def load_initial_weights(model: Llama, source: Path) -> None:
+    """Weights for continual pretraining from one of our checkpoints or an HF Llama folder; the
+    architecture must match the recipe's model (the RoPE base may differ)."""
+    if (source / "trainer.json").is_file():
+        load_model_weights(source, model)
+    elif (source / "config.json").is_file():
+        imported = import_hf(source)
+        try:
+            model.load_state_dict(imported.state_dict())
+        except RuntimeError as e:
+            raise RecipeError(
+                f"train.init_from: {source} does not fit the recipe's model: {e}"
+            ) from None
+    else:
+        raise RecipeError(
+            f"train.init_from: {source} is neither a checkpoint (trainer.json) nor a Hugging "
+            "Face folder (config.json)"
+        )
+    log.info("initial weights from %s", source)
 
 
 def mixture_sources(recipe: Recipe, shards: Path, tokenizer_sha256: str) -> list[MixtureSource]:

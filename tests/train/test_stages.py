@@ -151,3 +151,31 @@ def test_resume_across_the_boundary_is_exact(
     wa = load_file(latest_checkpoint(straight / "checkpoints") / "model.safetensors")  # type: ignore[operator]
     wb = load_file(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")  # type: ignore[operator]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_continual_pretraining_starts_from_our_checkpoint_or_an_hf_folder(
+    straight: Path, prepared_run: Path, tmp_path: Path
+) -> None:
+    source = latest_checkpoint(straight / "checkpoints")
+    assert source is not None
+    hf = pipeline.export_stage(
+        load_recipe(None, [*STAGED, f"run_dir={straight}"]), out=tmp_path / "export"
+    )
+    continual = [
+        "optim.lr=0",  # no update: the weights that come out are the ones that went in
+        "stages=[{name: extend, tokens: 1024, seq_len: 128, rope_theta: 160000}]",
+    ]
+    firsts = []
+    for name, start in (("ours", source), ("hf", hf)):
+        run_dir = tmp_path / name
+        shutil.copytree(prepared_run, run_dir)
+        records = staged_run(run_dir, *continual, f"train.init_from={start}")
+        firsts.append(records[0]["loss"])
+        assert records[0]["rope_theta"] == 160_000.0
+        out = load_file(latest_checkpoint(run_dir / "checkpoints") / "model.safetensors")  # type: ignore[operator]
+        original = load_file(source / "model.safetensors")
+        assert all(torch.equal(out[k], original[k]) for k in original)
+    assert firsts[0] == firsts[1]
+    with pytest.raises(RecipeError, match="train.init_from: .* neither a checkpoint"):
+        shutil.copytree(prepared_run, tmp_path / "bad")
+        staged_run(tmp_path / "bad", f"train.init_from={tmp_path}")
