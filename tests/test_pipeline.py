@@ -33,16 +33,16 @@ def test_val_parts_hold_each_sources_documents(prepared_run: Path) -> None:
 
 def test_mixture_weights_default_to_source_sizes(prepared_run: Path) -> None:
     recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}"])
-    sha = TextTokenizer.load(prepared_run / "tokenizer.json").sha256
-    natural = mixture_sources(recipe, prepared_run / "shards", sha)
+    tok = TextTokenizer.load(prepared_run / "tokenizer.json")
+    natural = mixture_sources(recipe, prepared_run / "shards", tok)
     assert [s.weight for s in natural] == [s.docs.num_tokens for s in natural]
     sources = tuple(
         dataclasses.replace(s, weight=w, max_epochs=2.0)
         for s, w in zip(recipe.data.sources, (1.0, 2.0, 3.0), strict=True)
     )
     weighted = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources))
-    mixed = mixture_sources(weighted, prepared_run / "shards", sha)
+    mixed = mixture_sources(weighted, prepared_run / "shards", tok)
     assert [(s.weight, s.max_epochs) for s in mixed] == [(1.0, 2.0), (2.0, 2.0), (3.0, 2.0)]
     fewer = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources[:1]))
     with pytest.raises(RecipeError, match="re-run 'lmforge tokenize'"):
-        mixture_sources(fewer, prepared_run / "shards", sha)
+        mixture_sources(fewer, prepared_run / "shards", tok)

@@ -19,6 +19,7 @@ import torch
 from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
 from lmforge.data.clean import CleanConfig, clean
 from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
+from lmforge.data.longdata import derived_sources
 from lmforge.data.mixture import MixtureSource
 from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
 from lmforge.data.sources import SourceConfig, read_documents
@@ -102,7 +103,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         load_initial_weights(model, Path(recipe.train.init_from))
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     loader = PackedLoader(
-        mixture_sources(recipe, paths.shards, tokenizer.sha256),
+        mixture_sources(recipe, paths.shards, tokenizer),
         recipe.packing,
         recipe.train.micro_batch_size,
         special,
@@ -158,9 +159,10 @@ def load_initial_weights(model: Llama, source: Path) -> None:
     log.info("initial weights from %s", source)
 
 
-def mixture_sources(recipe: Recipe, shards: Path, tokenizer_sha256: str) -> list[MixtureSource]:
-    """The train split of each recipe source, weighted as the recipe says (or by its size)."""
-    found = split_sources(shards, "train", tokenizer_sha256)
+def mixture_sources(recipe: Recipe, shards: Path, tokenizer: TextTokenizer) -> list[MixtureSource]:
+    """The train split of each recipe source, weighted as the recipe says (or by its size), and
+    the derived long-context sources a stage names (weight 0 until its stage)."""
+    found = split_sources(shards, "train", tokenizer.sha256)
     configs = {s.name: s for s in recipe.data.sources}
     if set(found) - set(configs):
         raise RecipeError(
@@ -178,6 +180,9 @@ def mixture_sources(recipe: Recipe, shards: Path, tokenizer_sha256: str) -> list
                 max_epochs=configs[name].max_epochs,
             )
         )
+    named = {name for stage in recipe.mixture_stages() for name in stage.weights}
+    derived = derived_sources(named, found, recipe.long_data, tokenizer.encode, recipe.seed)
+    sources += [MixtureSource(name, docs, weight=0.0) for name, docs in derived.items()]
     return sources
 
 
@@ -448,7 +453,7 @@ def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
     paths = RunPaths(recipe.run_dir)
     tokenizer = TextTokenizer.load(paths.tokenizer)
     manifest = read_manifest(paths.shards)
-    sources = mixture_sources(recipe, paths.shards, tokenizer.sha256)
+    sources = mixture_sources(recipe, paths.shards, tokenizer)
     result: dict[str, Any] = {
         "sources": {
             name: {k: m[k] for k in ("read", "dropped")}

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.data.longdata import DERIVED_SOURCES, LongDataConfig
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.packing import PackingConfig
 from lmforge.data.tokenize import DataConfig
@@ -56,6 +57,8 @@ class Recipe:
     stages: tuple[StageConfig, ...] = ()
     """Training stages in order (train/stages.py); none: one run of train.max_tokens at
     packing.seq_len with the `schedule` curve."""
+    long_data: LongDataConfig = field(default_factory=LongDataConfig)
+    """The derived sources (long_docs, concat_docs, passkey) a stage's mixture may weight."""
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -65,11 +68,15 @@ class Recipe:
 
     def __post_init__(self) -> None:
         names = {s.name for s in self.data.sources}
+        reserved = names & set(DERIVED_SOURCES)
+        if reserved:
+            raise ValueError(f"data.sources: {sorted(reserved)} is reserved for derived data")
         for i, stage in enumerate(self.stages):
-            unknown = set(stage.mixture) - names
+            unknown = set(stage.mixture) - names - set(DERIVED_SOURCES)
             if unknown:
                 raise ValueError(
-                    f"stages[{i}].mixture: unknown sources {sorted(unknown)}; have {sorted(names)}"
+                    f"stages[{i}].mixture: unknown sources {sorted(unknown)}; have "
+                    f"{sorted(names)} and the derived {list(DERIVED_SOURCES)}"
                 )
         self.resolved_stages()  # inconsistent stages fail when the recipe loads
 

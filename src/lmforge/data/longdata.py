@@ -1,0 +1,175 @@
+"""Long-context data for context-extension stages, as mixture sources a stage can weight.
+
+ChuXin extends its context with long documents upsampled and long data synthesized. Three
+derived sources give a stage's mixture that data from the run's own train split:
+
+- `long_docs`: only the documents of at least `min_tokens` tokens (from every source), so
+  weighting it upsamples long documents;
+- `concat_docs`: consecutive documents of one source (neighbours in corpus order: the same
+  site, repository or book, as far as the corpus keeps them together) joined into one document
+  of `concat_tokens`, so the model must carry context across what were document boundaries;
+- `passkey`: retrieval sequences of `passkey_tokens` tokens: corpus text as the haystack, a
+  random pass key stated at a random depth, and the question asking for it at the end (the
+  format of Mohtashami & Jaggi 2023 that eval/needle.py tests, over real text instead of its
+  repeated filler).
+
+Each is a `Documents` view: document i is a pure function of i and the seed, so the loader's
+resumable draw works on them unchanged. They are added to a run only when a mixture names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmforge.data.mixture import Documents
+
+LONG_DOCS, CONCAT_DOCS, PASSKEY = "long_docs", "concat_docs", "passkey"
+DERIVED_SOURCES = (LONG_DOCS, CONCAT_DOCS, PASSKEY)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongDataConfig:
+    min_tokens: int = 1024
+    """`long_docs` holds the documents of at least this many tokens."""
+    concat_tokens: int = 4096
+    """Length of each `concat_docs` document."""
+    passkey_tokens: int = 4096
+    """Length of each `passkey` sequence."""
+    passkey_docs: int = 100_000
+    """Distinct passkey sequences per epoch of that source."""
+
+    def __post_init__(self) -> None:
+        for key in ("min_tokens", "concat_tokens", "passkey_tokens", "passkey_docs"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"long_data.{key} must be > 0, got {getattr(self, key)}")
+
+
+class LongDocuments:
+    """The documents of `sources` with at least `min_tokens` tokens, in source order."""
+
+    def __init__(self, sources: Sequence[Documents], min_tokens: int) -> None:
+        self.sources = list(sources)
+        self.index = [
+            (s, i)
+            for s, docs in enumerate(self.sources)
+            for i in range(docs.num_docs)
+            if len(docs.document(i)) >= min_tokens
+        ]
+        self.num_docs = len(self.index)
+
+    def document(self, index: int) -> np.ndarray:
+        source, i = self.index[index]
+        return self.sources[source].document(i)
+
+
+class ConcatDocuments:
+    """Runs of consecutive documents of one source joined by `separator` and cut to `length`
+    tokens; what is left at the end of a source makes one shorter document."""
+
+    def __init__(self, sources: Sequence[Documents], length: int, separator: Sequence[int]) -> None:
+        self.sources, self.length = list(sources), length
+        self.separator = np.asarray(separator)
+        self.runs: list[tuple[int, int, int]] = []  # (source, first doc, end doc)
+        for s, docs in enumerate(self.sources):
+            first, total = 0, 0
+            for i in range(docs.num_docs):
+                total += len(docs.document(i)) + len(self.separator)
+                if total >= length:
+                    self.runs.append((s, first, i + 1))
+                    first, total = i + 1, 0
+            if first < docs.num_docs:  # the rest, shorter
+                self.runs.append((s, first, docs.num_docs))
+        self.num_docs = len(self.runs)
+
+    def document(self, index: int) -> np.ndarray:
+        source, first, end = self.runs[index]
+        docs = self.sources[source]
+        parts: list[np.ndarray] = []
+        for i in range(first, end):
+            parts += [docs.document(i), self.separator]
+        return np.concatenate(parts[:-1])[: self.length]
+
+
+class PasskeyDocuments:
+    """`num_docs` retrieval sequences of `length` tokens over a haystack of corpus text."""
+
+    def __init__(
+        self,
+        haystack: Documents,
+        length: int,
+        encode: Callable[[str], list[int]],
+        num_docs: int,
+        seed: int,
+    ) -> None:
+        from lmforge.eval.needle import PASSKEY_PREAMBLE, PASSKEY_QUESTION
+
+        self.haystack, self.length, self.encode = haystack, length, encode
+        self.num_docs, self.seed = num_docs, seed
+        self.preamble = encode(PASSKEY_PREAMBLE)
+        self.question = encode(PASSKEY_QUESTION)
+
+    def document(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
+        key = int(rng.integers(10_000, 100_000))
+        needle = self.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
+        answer = self.encode(f" {key}.")
+        room = self.length - len(self.preamble) - len(needle) - len(self.question) - len(answer)
+        filler = self._filler(rng, max(room, 0))
+        depth = int(rng.integers(0, len(filler) + 1))
+        pieces = [self.preamble, filler[:depth], needle, filler[depth:], self.question, answer]
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
+
+    def _filler(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n tokens of consecutive haystack documents from a random one on."""
+        parts, have = [], 0
+        i = int(rng.integers(0, self.haystack.num_docs))
+        for _ in range(self.haystack.num_docs):
+            doc = self.haystack.document(i)
+            parts.append(doc)
+            have += len(doc)
+            if have >= n:
+                break
+            i = (i + 1) % self.haystack.num_docs
+        return np.concatenate(parts)[:n].astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+class ConcatenatedSet:
+    """Several document sets behind one index, in order."""
+
+    def __init__(self, sets: Sequence[Documents]) -> None:
+        self.sets = list(sets)
+        self.starts = np.cumsum([0, *(s.num_docs for s in self.sets)])
+        self.num_docs = int(self.starts[-1])
+
+    def document(self, index: int) -> np.ndarray:
+        s = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.sets[s].document(index - int(self.starts[s]))
+
+
+def derived_sources(
+    names: set[str],
+    train: Mapping[str, Documents],
+    cfg: LongDataConfig,
+    encode: Callable[[str], list[int]],
+    seed: int,
+) -> dict[str, Documents]:
+    """The derived sources among `names`, built over the run's train split."""
+    sets = list(train.values())
+    built: dict[str, Documents] = {}
+    if LONG_DOCS in names:
+        long_docs = LongDocuments(sets, cfg.min_tokens)
+        if long_docs.num_docs == 0:
+            raise ValueError(
+                f"long_docs: no train document has long_data.min_tokens={cfg.min_tokens} tokens"
+            )
+        built[LONG_DOCS] = long_docs
+    if CONCAT_DOCS in names:
+        built[CONCAT_DOCS] = ConcatDocuments(sets, cfg.concat_tokens, encode("\n\n"))
+    if PASSKEY in names:
+        built[PASSKEY] = PasskeyDocuments(
+            ConcatenatedSet(sets), cfg.passkey_tokens, encode, cfg.passkey_docs, seed
+        )
+    return built

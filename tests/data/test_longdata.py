@@ -1,0 +1,93 @@
+"""Derived long-context sources: long documents only, concatenated neighbours, passkey sequences;
+and a stage that weights them trains on them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge import pipeline
+from lmforge.data.longdata import ConcatDocuments, LongDocuments, PasskeyDocuments
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.recipe import RecipeError, load_recipe
+from tests.conftest import TINY_OVERRIDES
+
+
+class Docs:
+    def __init__(self, lengths: list[int], base: int = 0) -> None:
+        self.docs = [np.arange(n, dtype=np.uint16) + base + 100 * i for i, n in enumerate(lengths)]
+        self.num_docs = len(self.docs)
+
+    def document(self, index: int) -> np.ndarray:
+        return self.docs[index]
+
+
+def test_long_documents_keeps_only_long_ones_from_every_source() -> None:
+    a, b = Docs([5, 50, 8, 70]), Docs([60, 3], base=1000)
+    long_docs = LongDocuments([a, b], min_tokens=50)
+    assert long_docs.num_docs == 3
+    got = [long_docs.document(i) for i in range(3)]
+    assert [len(d) for d in got] == [50, 70, 60] and got[2][0] == 1000
+
+
+def test_concat_joins_neighbours_of_one_source_to_the_length() -> None:
+    a, b = Docs([30, 30, 30, 30, 30]), Docs([10], base=5000)
+    concat = ConcatDocuments([a, b], length=64, separator=[9999])
+    assert concat.runs == [(0, 0, 3), (0, 3, 5), (1, 0, 1)]
+    first = concat.document(0)
+    assert len(first) == 64
+    assert list(first[:31]) == [*a.document(0), 9999]
+    assert list(first[31:62]) == [*a.document(1), 9999]
+    assert len(concat.document(2)) == 10  # a short source gives what it has
+
+
+def test_passkey_sequences_hide_a_key_and_ask_for_it(prepared_run: Path) -> None:
+    tok = TextTokenizer.load(prepared_run / "tokenizer.json")
+    text = "The river flows past the old mill and the fields beyond it. " * 40
+    haystack = Docs([])
+    haystack.docs, haystack.num_docs = [np.asarray(tok.encode(text))], 1
+    seqs = PasskeyDocuments(haystack, 400, tok.encode, num_docs=10, seed=3)
+    docs = [seqs.document(i) for i in range(10)]
+    assert all(len(d) == 400 for d in docs)
+    assert np.array_equal(seqs.document(4), docs[4])  # a pure function of the index
+    decoded = [tok.decode(d.tolist()) for d in docs]
+    keys = {d.rsplit(" ", 1)[-1].rstrip(".") for d in decoded}
+    assert len(keys) > 5  # random keys
+    for d in decoded:
+        key = d.rsplit(" ", 1)[-1].rstrip(".")
+        assert key.isdigit() and f"The pass key is {key}. Remember it." in d
+        assert d.endswith(f"What is the pass key? The pass key is {key}.")
+    depths = [d.index("The pass key is") / len(d) for d in decoded]
+    assert max(depths) - min(depths) > 0.3  # the needle moves through the haystack
+
+
+def test_a_stage_weighting_derived_sources_trains_on_them(
+    prepared_run: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(prepared_run, run_dir)
+    recipe = load_recipe(
+        None,
+        [
+            *TINY_OVERRIDES,
+            f"run_dir={run_dir}",
+            "train.log_every_steps=1",
+            "long_data.min_tokens=200",
+            "long_data.passkey_tokens=120",
+            "long_data.concat_tokens=256",
+            # the first stage reads short code documents: the switch waits for the one in hand
+            "stages=[{name: base, tokens: 1024, mixture: {english: 0, chinese: 0, code: 1}},"
+            " {name: extend, tokens: 2048, seq_len: 128, rope_theta: 40000,"
+            "  mixture: {english: 0, chinese: 0, code: 0, long_docs: 1, concat_docs: 1,"
+            "  passkey: 2}}]",
+        ],
+    )
+    records = pipeline.pretrain_stage(recipe)
+    before, after = records[1]["tokens_by_source"], records[-1]["tokens_by_source"]
+    assert before["passkey"] == before["long_docs"] == before["concat_docs"] == 0
+    assert after["passkey"] > 0 and after["long_docs"] + after["concat_docs"] > 0
+    with pytest.raises(RecipeError, match=r"reserved for derived data"):
+        load_recipe(None, [*TINY_OVERRIDES, "data.sources=[{name: passkey, path: x.txt}]"])
