@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lmforge.data.longdata import DERIVED_SOURCES, LongDataConfig
+from lmforge.data.longdata import DERIVED_SOURCES, LongDataConfig, is_derived
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.packing import PackingConfig
 from lmforge.data.tokenize import DataConfig
@@ -68,11 +68,11 @@ class Recipe:
 
     def __post_init__(self) -> None:
         names = {s.name for s in self.data.sources}
-        reserved = names & set(DERIVED_SOURCES)
+        reserved = {name for name in names if is_derived(name)}
         if reserved:
             raise ValueError(f"data.sources: {sorted(reserved)} is reserved for derived data")
         for i, stage in enumerate(self.stages):
-            unknown = set(stage.mixture) - names - set(DERIVED_SOURCES)
+            unknown = {n for n in stage.mixture if n not in names and not is_derived(n)}
             if unknown:
                 raise ValueError(
                     f"stages[{i}].mixture: unknown sources {sorted(unknown)}; have "

@@ -82,12 +82,13 @@ def test_a_stage_weighting_derived_sources_trains_on_them(
             "stages=[{name: base, tokens: 1024, mixture: {english: 0, chinese: 0, code: 1}},"
             " {name: extend, tokens: 2048, seq_len: 128, rope_theta: 40000,"
             "  mixture: {english: 0, chinese: 0, code: 0, long_docs: 1, concat_docs: 1,"
-            "  passkey: 2}}]",
+            "  passkey: 1, passkey_100: 1}}]",
         ],
     )
     records = pipeline.pretrain_stage(recipe)
     before, after = records[1]["tokens_by_source"], records[-1]["tokens_by_source"]
     assert before["passkey"] == before["long_docs"] == before["concat_docs"] == 0
-    assert after["passkey"] > 0 and after["long_docs"] + after["concat_docs"] > 0
+    assert after["passkey"] > 0 and after["passkey_100"] > 0
+    assert after["long_docs"] + after["concat_docs"] > 0
     with pytest.raises(RecipeError, match=r"reserved for derived data"):
         load_recipe(None, [*TINY_OVERRIDES, "data.sources=[{name: passkey, path: x.txt}]"])

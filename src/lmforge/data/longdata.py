@@ -8,10 +8,11 @@ derived sources give a stage's mixture that data from the run's own train split:
 - `concat_docs`: consecutive documents of one source (neighbours in corpus order: the same
   site, repository or book, as far as the corpus keeps them together) joined into one document
   of `concat_tokens`, so the model must carry context across what were document boundaries;
-- `passkey`: retrieval sequences of `passkey_tokens` tokens: corpus text as the haystack, a
-  random pass key stated at a random depth, and the question asking for it at the end (the
-  format of Mohtashami & Jaggi 2023 that eval/needle.py tests, over real text instead of its
-  repeated filler).
+- `passkey`: retrieval sequences of `passkey_tokens` tokens (`passkey_N`: of N tokens, so each
+  stage can have sequences that fit its rows): corpus text as the haystack, a random pass key
+  stated at a random depth, and the question asking for it at the end (the format of
+  Mohtashami & Jaggi 2023 that eval/needle.py tests, over real text instead of its repeated
+  filler).
 
 Each is a `Documents` view: document i is a pure function of i and the seed, so the loader's
 resumable draw works on them unchanged. They are added to a run only when a mixture names them.
@@ -27,7 +28,19 @@ import numpy as np
 from lmforge.data.mixture import Documents
 
 LONG_DOCS, CONCAT_DOCS, PASSKEY = "long_docs", "concat_docs", "passkey"
-DERIVED_SOURCES = (LONG_DOCS, CONCAT_DOCS, PASSKEY)
+DERIVED_SOURCES = (LONG_DOCS, CONCAT_DOCS, PASSKEY, f"{PASSKEY}_N")
+
+
+def is_derived(name: str) -> bool:
+    return name in (LONG_DOCS, CONCAT_DOCS, PASSKEY) or passkey_length(name) is not None
+
+
+def passkey_length(name: str) -> int | None:
+    """N of a `passkey_N` source name, else None."""
+    prefix = f"{PASSKEY}_"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +181,10 @@ def derived_sources(
         built[LONG_DOCS] = long_docs
     if CONCAT_DOCS in names:
         built[CONCAT_DOCS] = ConcatDocuments(sets, cfg.concat_tokens, encode("\n\n"))
-    if PASSKEY in names:
-        built[PASSKEY] = PasskeyDocuments(
-            ConcatenatedSet(sets), cfg.passkey_tokens, encode, cfg.passkey_docs, seed
-        )
+    for name in sorted(names):
+        length = cfg.passkey_tokens if name == PASSKEY else passkey_length(name)
+        if length is not None:
+            built[name] = PasskeyDocuments(
+                ConcatenatedSet(sets), length, encode, cfg.passkey_docs, seed
+            )
     return built
