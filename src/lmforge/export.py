@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, processors
 
+from lmforge.data.chat import CHAT_TEMPLATE
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 
@@ -165,6 +166,7 @@ def _write_tokenizer(folder: Path, tokenizer_file: Path, special_tokens: dict[st
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
         "add_bos_token": bos is not None,
+        "chat_template": CHAT_TEMPLATE,  # apply_chat_template renders what data/chat.py does
         **special_tokens,
     }
     _write_json(folder / "tokenizer_config.json", tok_config)

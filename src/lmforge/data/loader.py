@@ -130,6 +130,11 @@ class PackedLoader:
         self.rank, self.world_size = rank, world_size
         self.state = LoaderState(StreamState.start(len(sources)), consumed=((),) * len(sources))
 
+    @property
+    def rows(self) -> int:
+        """Global rows produced so far."""
+        return self.state.rows
+
     def reshape(self, seq_len: int, batch_size: int) -> None:
         """Cut the rows that follow at another length, `batch_size` at a time (a training stage
         boundary); the stream goes on where it was."""

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -30,7 +30,6 @@ from lmforge.checkpoint import (
     load_newest_good,
     start_checkpoint,
 )
-from lmforge.data.loader import PackedLoader
 from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
@@ -49,6 +48,22 @@ from lmforge.train.parallelize import (
 from lmforge.train.stages import Stage, stage_at, total_steps
 
 log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    """What the loop reads batches from: the pretraining loader (data/loader.py) or the SFT one
+    (data/sft.py). Its state is plain data, the same on every rank."""
+
+    @property
+    def rows(self) -> int:
+        """Global rows produced so far (the data position events refer to)."""
+        ...
+
+    def __iter__(self) -> Iterator[PackedBatch]: ...
+    def reshape(self, seq_len: int, batch_size: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def consumed_tokens(self) -> dict[str, list[int]]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +130,7 @@ def grad_accum_steps(stage: Stage, world: int) -> int:
 
 def train(
     model: Llama,
-    loader: PackedLoader,
+    loader: BatchSource,
     cfg: TrainConfig,
     optim_cfg: OptimConfig,
     stages: tuple[Stage, ...],
@@ -194,7 +209,7 @@ def train(
             active = stage
         t0 = time.perf_counter()
         lr = stage.lr_at(tokens) * guard.lr_scale
-        rows_before = loader.state.rows
+        rows_before = loader.rows
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = list(itertools.islice(batches, accum))
@@ -237,12 +252,12 @@ def train(
                 "loss": loss_sum,
                 "grad_norm": grad_norm,
                 "action": guard.cfg.action,
-                "rows": [rows_before, loader.state.rows],
+                "rows": [rows_before, loader.rows],
             }
             if guard.cfg.action == "skip_batches":
                 for _ in range(guard.cfg.skip_next * accum):
                     next(batches, None)
-                event["rows"][1] = loader.state.rows
+                event["rows"][1] = loader.rows
             elif guard.cfg.action == "rewind":
                 if pending is not None:
                     pending.finish()
@@ -313,7 +328,7 @@ def rewind(
     ckpt_dir: Path,
     model: Llama,
     optimizer: torch.optim.Optimizer,
-    loader: PackedLoader,
+    loader: BatchSource,
     guard: SpikeGuard,
 ) -> tuple[int, int] | None:
     """Reload the newest good checkpoint but keep the loader where it is, so the data from the
@@ -332,7 +347,7 @@ def rewind(
     return state.step, state.tokens
 
 
-def enter_stage(model: Llama, loader: PackedLoader, stage: Stage) -> None:
+def enter_stage(model: Llama, loader: BatchSource, stage: Stage) -> None:
     """Switch the RoPE base and the row shape; the next batch is cut at the new length."""
     if model.cfg.rope_theta != stage.rope_theta:
         model.cfg = replace(model.cfg, rope_theta=stage.rope_theta)
