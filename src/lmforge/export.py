@@ -240,7 +240,8 @@ def export_hf(
     return out_dir
 
 
-def _read_config(folder: Path) -> ModelConfig:
+def read_hf_config(folder: Path) -> ModelConfig:
+    """Our ModelConfig from an HF folder's config.json."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; export the model with export_hf first")
@@ -288,7 +289,7 @@ def _our_state_dict(
 def import_hf(folder: Path) -> Llama:
     """Our Llama, in eval mode, from an HF folder holding config.json and model.safetensors."""
     folder = Path(folder)
-    cfg = _read_config(folder)
+    cfg = read_hf_config(folder)
     weights = _read_weights(folder)
     model = Llama(cfg)
     state = _our_state_dict(weights, model, folder / WEIGHTS_FILE)

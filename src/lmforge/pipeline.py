@@ -22,21 +22,23 @@ from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_
 from lmforge.data.longdata import derived_sources
 from lmforge.data.mixture import MixtureSource
 from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
+from lmforge.data.sft import SFTLoader, load_sft_data
 from lmforge.data.sources import SourceConfig, read_documents
 from lmforge.data.tokenize import SPLITS, read_manifest, split_of, tokenize_corpus
 from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenizer
 from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.eval.perplexity import evaluate_perplexity, loss_by_position, position_bins
-from lmforge.export import export_hf, import_hf
+from lmforge.export import export_hf, import_hf, read_hf_config
 from lmforge.generate import GenerateConfig, generate_text
 from lmforge.logs import progress
+from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import train
 from lmforge.train.parallelize import init_distributed, shutdown_distributed
-from lmforge.train.stages import total_tokens, trained_stage
+from lmforge.train.stages import StageConfig, total_tokens, trained_stage
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,110 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         shutdown_distributed()
 
 
+def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
+    """Instruction tuning: the pretraining loop fed with packed chat rows, the loss on assistant
+    tokens only, starting from train.init_from (our checkpoint or an HF Llama folder) whose
+    architecture and tokenizer it keeps. Without recipe stages, one stage of sft.epochs passes
+    (whole steps) with the schedule's warmup and a cosine decay to its floor."""
+    paths = RunPaths(recipe.run_dir)
+    if recipe.train.init_from is None:
+        raise RecipeError("train.init_from: sft starts from a pretrained checkpoint or HF folder")
+    base = Path(recipe.train.init_from)
+    tokenizer = _adopt_tokenizer(recipe, base, paths)
+    recipe = replace(recipe, model=_base_model_config(base))
+    data = load_sft_data(recipe.sft, tokenizer, recipe.packing.seq_len)
+    log.info("sft data: %s", json.dumps(data.counts))
+    init_distributed(recipe.parallel)
+    loader = SFTLoader(
+        data.train,
+        recipe.packing.seq_len,
+        recipe.train.micro_batch_size,
+        tokenizer.pad_id,
+        recipe.sft.epochs,
+        seed=recipe.seed,
+        pack=recipe.sft.pack,
+        rank=rank(),
+        world_size=world_size(),
+    )
+    if not recipe.stages:
+        steps = loader.total_rows * recipe.packing.seq_len // recipe.train.batch_tokens
+        if steps == 0:
+            raise RecipeError(
+                f"sft: {loader.total_rows} rows of {recipe.packing.seq_len} tokens are less than "
+                f"one batch of train.batch_tokens={recipe.train.batch_tokens}"
+            )
+        stage = StageConfig(
+            name="sft",
+            tokens=steps * recipe.train.batch_tokens,
+            warmup_tokens=recipe.schedule.warmup_tokens,
+            end_lr=recipe.optim.lr * recipe.schedule.cosine_min_ratio,
+        )
+        recipe = replace(recipe, stages=(stage,))
+    if rank() == 0:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, paths.root / "recipe.yaml")
+        (paths.root / "sft_data.json").write_text(json.dumps(data.counts, indent=2))
+    torch.manual_seed(recipe.seed)
+    model = Llama(recipe.model)
+    load_initial_weights(model, base)
+    heldout = data.heldout
+    target_ids = [int(t) for c in heldout for t in c.ids[1:][c.mask[1:]]]
+    bytes_per_target = len(tokenizer.decode(target_ids).encode()) / max(len(target_ids), 1)
+
+    def evaluate(m: Llama, seq_len: int) -> dict[str, float]:
+        if not heldout:
+            return {}
+        rows = SFTLoader(heldout, seq_len, recipe.eval.batch_size, tokenizer.pad_id, 1.0)
+        device = resolve_device(recipe.train.device)
+        amp = autocast_dtype(recipe.train.precision, device)
+        batches = itertools.islice(rows, recipe.eval.max_batches)
+        return evaluate_perplexity(m, batches, device, bytes_per_target, amp)
+
+    try:
+        return train(
+            model,
+            loader,
+            recipe.train,
+            recipe.optim,
+            recipe.resolved_stages(),
+            paths.root,
+            recipe_to_dict(recipe),
+            evaluate,
+            recipe.eval.every_steps,
+            resume,
+            recipe.parallel,
+            recipe.guard,
+        )
+    finally:
+        shutdown_distributed()
+
+
+def _adopt_tokenizer(recipe: Recipe, base: Path, paths: RunPaths) -> TextTokenizer:
+    """The base model's tokenizer, copied into the run dir (eval, chat and export read it
+    there); a run dir that already has another tokenizer is refused."""
+    if recipe.sft.tokenizer is not None:
+        source = Path(recipe.sft.tokenizer)
+    elif (base / "trainer.json").is_file():  # RUN/checkpoints/step_N
+        source = base.parent.parent / "tokenizer.json"
+    else:
+        source = base / "tokenizer.json"
+    tokenizer = TextTokenizer.load(source)
+    if paths.tokenizer.exists():
+        if TextTokenizer.load(paths.tokenizer).sha256 != tokenizer.sha256:
+            raise RecipeError(f"{paths.tokenizer}: another tokenizer than the base's {source}")
+    elif rank() == 0:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(paths.tokenizer)
+    return tokenizer
+
+
+def _base_model_config(base: Path) -> ModelConfig:
+    """The architecture of train.init_from: the recipe in our checkpoint or the HF config."""
+    if (base / "trainer.json").is_file():
+        return trained_recipe(base).model
+    return read_hf_config(base)
+
+
 def load_initial_weights(model: Llama, source: Path) -> None:
     """Weights for continual pretraining from one of our checkpoints or an HF Llama folder; the
     architecture must match the recipe's model (the RoPE base may differ)."""
@@ -205,20 +311,25 @@ def perplexity(
 
 
 def load_trained(checkpoint: Path) -> tuple[Llama, Recipe]:
-    """The model in a checkpoint and the recipe saved with it, narrowed to the stage its weights
-    were last trained in: that stage's RoPE base and row length, no further stages."""
+    """The model in a checkpoint and its recipe (see trained_recipe)."""
+    recipe = trained_recipe(checkpoint)
+    model = Llama(recipe.model)
+    load_model_weights(checkpoint, model)
+    return model.eval(), recipe
+
+
+def trained_recipe(checkpoint: Path) -> Recipe:
+    """The recipe saved with a checkpoint, narrowed to the stage its weights were last trained
+    in: that stage's RoPE base and row length, no further stages."""
     saved = build(Recipe, read_recipe(checkpoint), str(checkpoint / "trainer.json"), "")
     tokens = json.loads((checkpoint / "trainer.json").read_text())["tokens"]
     stage = trained_stage(saved.resolved_stages(), tokens)
-    recipe = replace(
+    return replace(
         saved,
         model=replace(saved.model, rope_theta=stage.rope_theta),
         packing=replace(saved.packing, seq_len=stage.seq_len),
         stages=(),
     )
-    model = Llama(recipe.model)
-    load_model_weights(checkpoint, model)
-    return model.eval(), recipe
 
 
 def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:

@@ -19,6 +19,7 @@ import yaml
 from lmforge.data.longdata import DERIVED_SOURCES, LongDataConfig, is_derived
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.packing import PackingConfig
+from lmforge.data.sft import SFTConfig
 from lmforge.data.tokenize import DataConfig
 from lmforge.data.tokenizer import TokenizerConfig
 from lmforge.eval.perplexity import EvalConfig
@@ -61,6 +62,8 @@ class Recipe:
     """The derived sources (long_docs, concat_docs, passkey) a stage's mixture may weight."""
     train: TrainConfig = field(default_factory=TrainConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Chat data and epochs for `lmforge sft` (instruction tuning from train.init_from)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
