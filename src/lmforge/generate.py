@@ -6,7 +6,7 @@ One prompt at a time: prefill the prompt in one forward pass, then feed one toke
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,7 +101,6 @@ def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tenso
     return model.lm_head(hidden[:, -1])
 
 
-@torch.no_grad()
 def generate(
     model: Llama,
     prompt_ids: list[int],
@@ -110,6 +109,20 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """New token ids after prompt_ids: at most cfg.max_new_tokens, ending at a stop id if hit."""
+    new = list(generate_stream(model, prompt_ids, cfg, stop_ids, generator))
+    log.debug("generated %d tokens after a %d-token prompt", len(new), len(prompt_ids))
+    return new
+
+
+@torch.no_grad()
+def generate_stream(
+    model: Llama,
+    prompt_ids: list[int],
+    cfg: GenerateConfig,
+    stop_ids: Collection[int] = (),
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """`generate`, one token id at a time as each is sampled (chat and server stream them)."""
     if not prompt_ids:
         raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
     param = next(model.parameters())
@@ -122,17 +135,14 @@ def generate(
             model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, param.device, param.dtype
         )
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
-        new: list[int] = []
-        while len(new) < cfg.max_new_tokens:
+        for _ in range(cfg.max_new_tokens):
             token = sample_next(_last_logits(model, ids, cache), cfg, generator)  # (1,)
-            new.append(int(token.item()))
-            if new[-1] in stop_ids:
+            yield int(token.item())
+            if int(token.item()) in stop_ids:
                 break
             ids = token.view(1, 1)
     finally:
         model.train(was_training)
-    log.debug("generated %d tokens after a %d-token prompt", len(new), len(prompt_ids))
-    return new
 
 
 def generate_text(

@@ -1,0 +1,296 @@
+"""An OpenAI-compatible HTTP API over one model: /v1/models, /v1/completions and
+/v1/chat/completions, streamed as server-sent events when asked (`lmforge serve`).
+
+Built on FastAPI (pydantic validates every request). Bad input never reaches the model and never
+takes the server down: malformed JSON or a wrong field is a 400, an unknown model a 404, a body
+over `max_request_bytes` a 413, a prompt that leaves no room in the context a 400, and more
+requests than `max_concurrency` generating plus `max_queue` waiting a 503. Errors use OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, so its clients raise the usual
+exceptions. Generation runs in worker threads, one model forward at a time per slot; CPU
+torch uses every core for one request, so one slot is the default.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from lmforge.assistant import Assistant, Reply
+from lmforge.data.chat import Message
+from lmforge.generate import GenerateConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    max_tokens: int = 512
+    """Most tokens a request may ask for (and the default when it does not say)."""
+    max_request_bytes: int = 1_000_000
+    max_concurrency: int = 1
+    """Requests generating at once."""
+    max_queue: int = 16
+    """Requests waiting for a slot; beyond this, 503."""
+
+
+class APIError(HTTPException):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(status, message)
+        self.kind, self.param = kind, param
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not implement are ignored
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class Slots:
+    """At most `concurrency` holders; at most `queue` more waiting, the rest refused."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self.run = threading.Semaphore(concurrency)
+        self.lock = threading.Lock()
+        self.waiting, self.queue = 0, queue
+
+    def acquire(self) -> None:
+        with self.lock:
+            if self.waiting >= self.queue:
+                raise APIError(503, "server busy: too many requests waiting", "server_busy")
+            self.waiting += 1
+        self.run.acquire()
+        with self.lock:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        self.run.release()
+
+
+class Held:
+    """One acquired slot, released once: by the stream's end, or when a stream the client never
+    read is garbage-collected (its generator's `finally` would never run)."""
+
+    def __init__(self, slots: Slots) -> None:
+        self.slots: Slots | None = None
+        slots.acquire()  # may refuse (503): then there is nothing to release
+        self.slots = slots
+
+    def release(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+            self.slots = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
+    cfg = cfg or ServeConfig()
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None)
+    slots = Slots(cfg.max_concurrency, cfg.max_queue)
+    created = int(time.time())
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cfg.max_request_bytes:
+            return _error(413, f"request body over {cfg.max_request_bytes} bytes", "too_large")
+        if request.method == "POST":
+            body = await request.body()  # chunked bodies have no content-length
+            if len(body) > cfg.max_request_bytes:
+                return _error(413, f"request body over {cfg.max_request_bytes} bytes", "too_large")
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), e.kind, e.param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "request body is not valid JSON"
+        return _error(400, f"{where}: {message}" if where else message, "invalid_request_error")
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        card = {"id": assistant.name, "object": "model", "created": created, "owned_by": "lmforge"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", response_model=None)
+    def completions(req: CompletionRequest) -> Any:
+        _check_model(req.model, assistant)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "one prompt per request", "invalid_request_error", "prompt")
+        prompt = assistant.text_prompt(prompts[0])
+        return _respond(req, prompt, "text_completion", assistant, cfg, slots)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat(req: ChatRequest) -> Any:
+        _check_model(req.model, assistant)
+        if req.max_completion_tokens is not None:
+            req.max_tokens = req.max_completion_tokens
+        messages = [Message(m.role, m.content) for m in req.messages]
+        if any(m.role == "system" for m in messages[1:]):
+            raise APIError(400, "a system message may only come first", "invalid_request_error")
+        prompt = assistant.chat_prompt(messages)
+        return _respond(req, prompt, "chat.completion", assistant, cfg, slots)
+
+    return app
+
+
+def _respond(
+    req: _Sampling,
+    prompt: list[int],
+    kind: str,
+    assistant: Assistant,
+    cfg: ServeConfig,
+    slots: Slots,
+) -> Any:
+    max_tokens = req.max_tokens or cfg.max_tokens
+    if max_tokens > cfg.max_tokens:
+        raise APIError(
+            400,
+            f"max_tokens {max_tokens} > this server's {cfg.max_tokens}",
+            "invalid_request_error",
+        )
+    room = assistant.context_len - len(prompt)
+    if room < 1:
+        raise APIError(
+            400,
+            f"prompt of {len(prompt)} tokens leaves no room in the {assistant.context_len}-token "
+            "context",
+            "context_length_exceeded",
+            "messages" if kind == "chat.completion" else "prompt",
+        )
+    gen = GenerateConfig(
+        max_new_tokens=min(max_tokens, room),
+        temperature=req.temperature,
+        top_k=None,
+        top_p=req.top_p,
+        seed=req.seed if req.seed is not None else 0,
+    )
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    reply = Reply(prompt_tokens=len(prompt))
+    rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    held = Held(slots)
+    if not req.stream:
+        try:
+            text = "".join(assistant.stream(prompt, gen, reply, stop))
+        finally:
+            held.release()
+        return _body(kind, rid, req.model, text, reply, final=True)
+
+    def events() -> Iterator[str]:
+        try:
+            if kind == "chat.completion":  # the first chunk names the role
+                yield _sse(_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
+            for piece in assistant.stream(prompt, gen, reply, stop):
+                if kind == "chat.completion":
+                    yield _sse(_chunk(rid, req.model, {"content": piece}, None))
+                else:
+                    yield _sse(_body(kind, rid, req.model, piece, reply, final=False))
+            if kind == "chat.completion":
+                yield _sse(_chunk(rid, req.model, {}, reply.finish_reason))
+            else:
+                yield _sse(_body(kind, rid, req.model, "", reply, final=True))
+            yield "data: [DONE]\n\n"
+        finally:
+            held.release()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _body(kind: str, rid: str, model: str, text: str, reply: Reply, final: bool) -> dict[str, Any]:
+    finish = reply.finish_reason if final else None
+    if kind == "chat.completion":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+    if final:
+        body["usage"] = {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        }
+    return body
+
+
+def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _check_model(name: str, assistant: Assistant) -> None:
+    if name != assistant.name:
+        raise APIError(
+            404, f"model {name!r} not found; this server has {assistant.name!r}", "model_not_found"
+        )
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": kind}}
+    return JSONResponse(body, status_code=status)
+
+
+def serve(assistant: Assistant, host: str, port: int, cfg: ServeConfig | None = None) -> None:
+    import uvicorn
+
+    assistant.warm_up()
+    uvicorn.run(create_app(assistant, cfg), host=host, port=port, log_level="info")

@@ -1,0 +1,194 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback:
+completions, chat, streaming, concurrency limits and every kind of bad input."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lmforge.assistant import Assistant, Reply, chat_loop
+from lmforge.data.chat import Message
+from lmforge.data.tokenizer import TextTokenizer
+from lmforge.generate import GenerateConfig, generate
+from lmforge.model.config import ModelConfig
+from lmforge.model.llama import Llama
+from lmforge.serve import ServeConfig, create_app
+
+
+class SlowAssistant(Assistant):
+    """Sleeps per token so that concurrent requests overlap."""
+
+    delay = 0.0
+
+    def stream(
+        self, prompt_ids: list[int], cfg: GenerateConfig, reply: Reply, stop: Sequence[str] = ()
+    ) -> Iterator[str]:
+        for piece in super().stream(prompt_ids, cfg, reply, stop):
+            time.sleep(self.delay)
+            yield piece
+
+
+@pytest.fixture(scope="module")
+def assistant(prepared_run: Path) -> SlowAssistant:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=512, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128
+    )
+    tokenizer = TextTokenizer.load(prepared_run / "tokenizer.json")
+    return SlowAssistant(Llama(cfg).eval(), tokenizer, "tiny", context_len=96)
+
+
+@pytest.fixture(scope="module")
+def server(assistant: SlowAssistant) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig(max_tokens=32, max_request_bytes=20_000, max_concurrency=1, max_queue=1)
+    config = uvicorn.Config(
+        create_app(assistant, cfg), host="127.0.0.1", port=port, log_level="error"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def greedy(assistant: Assistant, prompt: list[int], n: int) -> str:
+    out = generate(assistant.model, prompt, GenerateConfig(temperature=0, max_new_tokens=n))
+    stops = [i for i, t in enumerate(out) if t in assistant.stop_ids]
+    return assistant.tokenizer.decode(out[: stops[0]] if stops else out)
+
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "你好, who are you?"},
+]
+
+
+def test_models_chat_and_completions(client: openai.OpenAI, assistant: Assistant) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=12,  # type: ignore[arg-type]
+    )
+    prompt = assistant.chat_prompt([Message(m["role"], m["content"]) for m in MESSAGES])  # type: ignore[arg-type]
+    assert chat.choices[0].message.content == greedy(assistant, prompt, 12)
+    assert chat.usage is not None and chat.usage.prompt_tokens == len(prompt)
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    text = client.completions.create(model="tiny", prompt="The river", temperature=0, max_tokens=10)
+    assert text.choices[0].text == greedy(assistant, assistant.text_prompt("The river"), 10)
+
+
+def test_streaming_gives_the_same_text(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 16}
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))  # type: ignore[call-overload]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    pieces = list(
+        client.completions.create(
+            model="tiny", prompt="A", temperature=0, max_tokens=8, stream=True
+        )
+    )
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_requests_get_clear_4xx(client: openai.OpenAI, server: str) -> None:
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' not found"):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="leaves no room"):
+        client.completions.create(model="tiny", prompt="word " * 200, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 999"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=999)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="hi", temperature=5)
+    bad = [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"model": "tiny"}', 400, "messages"),
+        (b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+        (b'{"model": "tiny", "messages": []}', 400, "messages"),
+        (b'{"model": "tiny", "messages": "hello"}', 400, "messages"),
+        (b"[1, 2]", 400, ""),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+            + b"x" * 30_000
+            + b'"}]}',
+            413,
+            "over",
+        ),
+    ]
+    for body, status, text in bad:
+        r = httpx.post(
+            f"{server}/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == status, body[:60]
+        assert text in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/v1/models").status_code == 200  # still serving
+
+
+def test_concurrency_beyond_the_queue_is_refused(
+    client: openai.OpenAI, assistant: SlowAssistant
+) -> None:
+    assistant.delay = 0.05
+
+    def ask(_: int) -> str:
+        try:
+            client.completions.create(model="tiny", prompt="hi", temperature=0, max_tokens=16)
+            return "ok"
+        except openai.InternalServerError as e:
+            return "busy" if e.status_code == 503 else "error"
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(ask, range(6)))
+    finally:
+        assistant.delay = 0.0
+    assert results.count("ok") >= 2 and results.count("busy") >= 1 and "error" not in results
+    assert ask(0) == "ok"  # every slot came back
+
+
+def test_chat_loop_streams_keeps_history_and_resets(assistant: SlowAssistant) -> None:
+    lines = iter(["hello", "and then?", "/reset", "你好", "/exit"])
+    out: list[str] = []
+    cfg = GenerateConfig(temperature=0, max_new_tokens=6)
+    history = chat_loop(assistant, cfg, "Be brief.", read=lambda _: next(lines), write=out.append)
+    assert [m.role for m in history] == ["system", "user", "assistant"]  # after the reset
+    assert history[1].content == "你好"
+    text = "".join(out)
+    assert text.count("assistant> ") == 3 and "(history cleared)" in text
+    prompt = assistant.chat_prompt(history[:2])
+    assert history[2].content == greedy(assistant, prompt, 6)
+
+
+def test_chat_loop_drops_the_oldest_turns_to_fit(assistant: SlowAssistant) -> None:
+    cfg = GenerateConfig(temperature=0, max_new_tokens=8)
+    lines = iter(["one " * 12, "two " * 12, "three " * 12, "/exit"])
+    history = chat_loop(assistant, cfg, None, read=lambda _: next(lines), write=lambda _: None)
+    assert history[0].content.startswith("two") or history[0].content.startswith("three")
+    assert len(assistant.chat_prompt(history)) <= assistant.context_len
