@@ -511,10 +511,28 @@ def generate_stage(
 
 
 def export_stage(
-    recipe: Recipe, checkpoint: str | Path | None = None, out: str | Path | None = None
+    recipe: Recipe,
+    checkpoint: str | Path | None = None,
+    out: str | Path | None = None,
+    fmt: str = "hf",
+    dtype: str = "f16",
 ) -> Path:
+    """A checkpoint as a Hugging Face folder (fmt "hf", RUN/hf) or one GGUF file (fmt "gguf",
+    RUN/model-{dtype}.gguf, dtype f32/f16/bf16)."""
     model, trained = load_trained(find_checkpoint(recipe, checkpoint))
     paths = RunPaths(recipe.run_dir)
+    if fmt == "gguf":
+        from lmforge.export_gguf import export_gguf
+
+        target = Path(out) if out is not None else paths.root / f"model-{dtype}.gguf"
+        return export_gguf(
+            model,
+            target,
+            paths.tokenizer,
+            dtype,  # type: ignore[arg-type]  # the CLI restricts the choices
+            context_length=trained.packing.seq_len,
+            name=paths.root.name,
+        )
     special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
     target = Path(out) if out is not None else paths.export
     return export_hf(
