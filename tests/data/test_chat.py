@@ -77,6 +77,8 @@ def test_alpaca_input_and_prompt_completion() -> None:
         Message("user", "Translate.\n\nchat"),
         Message("assistant", "猫"),
     ]
+    dolly = {"instruction": "Sum.", "context": "2 and 2", "response": "4", "category": "qa"}
+    assert to_messages(dolly, "d")[0] == Message("user", "Sum.\n\n2 and 2")
     pair = {"prompt": "2+2=", "answer": "4"}
     assert to_messages(pair, "a") == [Message("user", "2+2="), Message("assistant", "4")]
 

@@ -5,7 +5,7 @@ Every record becomes a list of messages (role, content) whatever its format:
 - `messages`: [{"role", "content"}, ...] (OpenAI style);
 - `conversations`: [{"from", "value"}, ...] (ShareGPT, WizardLM; from human/gpt/system);
 - Alpaca: "instruction", optional "input", "output", optional "system", and OASST-style
-  "history" [[user, assistant], ...] of earlier turns;
+  "history" [[user, assistant], ...] of earlier turns (Dolly's "context"/"response" too);
 - prompt/completion pairs: "prompt" with "completion", "response" or "answer".
 
 The template is ChatML over the tokenizer's own special tokens:
@@ -74,7 +74,7 @@ def to_messages(record: Any, where: str) -> list[Message]:
         turns = [_turn(m, "role", "content", where) for m in _list(record, "messages", where)]
     elif "conversations" in record:
         turns = [_turn(m, "from", "value", where) for m in _list(record, "conversations", where)]
-    elif "instruction" in record and "output" in record:
+    elif "instruction" in record and ("output" in record or "response" in record):
         turns = _alpaca(record, where)
     elif "prompt" in record:
         answer = next((k for k in ("completion", "response", "answer") if k in record), None)
@@ -110,11 +110,12 @@ def _alpaca(record: dict[str, Any], where: str) -> list[Message]:
             raise ChatFormatError(f"{where}: history[{i}] must hold two strings")
         turns += [Message("user", pair[0]), Message("assistant", pair[1])]
     prompt = _text(record, "instruction", where)
-    extra = record.get("input") or ""
+    extra = record.get("input") or record.get("context") or ""
     if not isinstance(extra, str):
         raise ChatFormatError(f"{where}: 'input' must be a string")
     turns.append(Message("user", f"{prompt}\n\n{extra}" if extra else prompt))
-    turns.append(Message("assistant", _text(record, "output", where)))
+    answer = "output" if "output" in record else "response"
+    turns.append(Message("assistant", _text(record, answer, where)))
     return turns
 
 
