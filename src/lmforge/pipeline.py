@@ -102,7 +102,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
     model = Llama(recipe.model)
     log.info("model: %.2fM parameters", recipe.model.num_params() / 1e6)
     if recipe.train.init_from is not None:
-        load_initial_weights(model, Path(recipe.train.init_from))
+        load_initial_weights(model, initial_checkpoint(recipe.train.init_from))
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     loader = PackedLoader(
         mixture_sources(recipe, paths.shards, tokenizer),
@@ -148,7 +148,7 @@ def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
     paths = RunPaths(recipe.run_dir)
     if recipe.train.init_from is None:
         raise RecipeError("train.init_from: sft starts from a pretrained checkpoint or HF folder")
-    base = Path(recipe.train.init_from)
+    base = initial_checkpoint(recipe.train.init_from)
     tokenizer = _adopt_tokenizer(recipe, base, paths)
     recipe = replace(recipe, model=_base_model_config(base))
     data = load_sft_data(recipe.sft, tokenizer, recipe.packing.seq_len)
@@ -242,6 +242,17 @@ def _base_model_config(base: Path) -> ModelConfig:
     if (base / "trainer.json").is_file():
         return trained_recipe(base).model
     return read_hf_config(base)
+
+
+def initial_checkpoint(init_from: str) -> Path:
+    """train.init_from as a checkpoint or HF folder: a run dir stands for its latest checkpoint."""
+    path = Path(init_from)
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise RecipeError(f"train.init_from: {path}/checkpoints holds no checkpoint")
+        return found
+    return path
 
 
 def load_initial_weights(model: Llama, source: Path) -> None:

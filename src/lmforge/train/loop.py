@@ -105,8 +105,9 @@ class TrainConfig:
     """Log a line every this many steps (every step goes to metrics.jsonl)."""
     init_from: str | None = None
     """Continual pretraining: start from the weights of one of our checkpoints (a step_*
-    folder) or a Hugging Face Llama folder (config.json + model.safetensors) instead of a random
-    init; optimizer and data start fresh, and the recipe's stages set RoPE base and lengths."""
+    folder, or a run dir for its latest) or a Hugging Face Llama folder (config.json +
+    model.safetensors) instead of a random init; optimizer and data start fresh, and the
+    recipe's stages set RoPE base and lengths."""
     stop_at_step: int | None = None
     """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
     `--resume` continues with the same schedule."""
