@@ -43,6 +43,17 @@ def test_spikes_are_judged_by_z_score_and_non_finite_always() -> None:
     assert fresh.check(1.0, math.inf)["kind"] == "non_finite"  # type: ignore[index]
 
 
+def test_a_loss_that_stays_up_is_a_level_shift_not_a_spike() -> None:
+    guard = warmed_guard(patience=3)
+    kinds = [guard.check(9.0, 1.0)["kind"] for _ in range(4)]  # type: ignore[index]
+    assert kinds == ["loss_spike"] * 3 + ["level_shift"]  # the 4th in a row is the new normal
+    guard.accept(9.0, 1.0, level_shift=True)
+    assert list(guard.losses) == [9.0] and guard.check(9.1, 1.0) is None  # a fresh baseline
+    again = warmed_guard(patience=3)
+    again.check(9.0, 1.0)
+    assert again.check(3.0, 1.0) is None and again.in_a_row == 0  # a healthy step resets
+
+
 def test_state_round_trips_and_events_are_bounded() -> None:
     guard = warmed_guard(max_events=1)
     guard.lr_scale = 0.5
@@ -80,6 +91,8 @@ class Tap:
             if not model.training:
                 return out
             self.seen.append(input_ids.clone())
+            if how == "shift" and len(self.seen) > 2 * (POISONED_STEP - 1):
+                return out * 5  # from the poisoned step on, every batch is harder
             if poison is not None and torch.equal(input_ids, poison):
                 return out * (1e4 if how == "spike" else math.nan)
             return out
@@ -181,3 +194,19 @@ def test_rewind_reloads_the_checkpoint_skips_the_window_and_lowers_lr(
     # after the rewind, step 5 trains the data that followed the offending batch
     assert tap.index(micro(seen, POISONED_STEP + 1)[0]) == [2 * POISONED_STEP]
     assert all(math.isfinite(r["loss"]) for r in metrics)
+
+
+def test_a_lasting_shift_is_accepted_after_patience(
+    prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "shift"
+    shutil.copytree(prepared_run, run_dir)
+    Tap(monkeypatch, None, "shift")
+    metrics = run(run_dir, "guard.patience=2")
+    got = [(e["step"], e["kind"], e["action"]) for e in events(run_dir)]
+    assert got == [
+        (POISONED_STEP, "loss_spike", "skip_update"),
+        (POISONED_STEP + 1, "loss_spike", "skip_update"),
+        (POISONED_STEP + 2, "level_shift", "accept"),
+    ]
+    assert [r["step"] for r in metrics] == list(range(1, 17))

@@ -5,9 +5,13 @@ Before each optimizer step the guard sees the step's loss and gradient norm (bot
 ranks, so every rank decides alike). A non-finite value is always an event; a finite one is a
 spike when its z-score against the last `window` accepted steps exceeds the threshold. The loop
 then applies the recipe's action: skip the update, skip it and the next batches, or rewind to the
-last checkpoint and skip the data in between (optionally lowering the learning rate). Events go
-to `events.jsonl` and the log; the guard's history is saved with every checkpoint so a resumed
-run judges exactly as the uninterrupted one.
+last checkpoint and skip the data in between (optionally lowering the learning rate).
+
+A spike is transient. When `patience` steps in a row are spikes although their updates were
+dropped (the weights did not move), the data has shifted (a new source or stage, harder text):
+the step is taken, and the baseline restarts from it, instead of skipping until the run dies.
+Events go to `events.jsonl` and the log; the guard's history is saved with every checkpoint so a
+resumed run judges exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class GuardConfig:
     """Steps' worth of batches skip_batches drops after the offending one."""
     rewind_lr_factor: float = 1.0
     """Multiply the learning rate by this after each rewind (e.g. 0.5)."""
+    patience: int = 4
+    """Finite spikes in a row after which the level is taken as the new normal (0: never)."""
     max_events: int = 20
     """Stop the run with an error after this many events: something worse than spikes."""
 
@@ -65,9 +71,12 @@ class SpikeGuard:
         self.grad_norms: deque[float] = deque(maxlen=cfg.window)
         self.events = 0
         self.lr_scale = 1.0
+        self.in_a_row = 0
+        """Consecutive finite spikes so far."""
 
     def check(self, loss: float, grad_norm: float) -> dict[str, Any] | None:
-        """None for a healthy step, else what was wrong: {"kind", "z"}."""
+        """None for a step to take, else what is wrong: {"kind", "z"}. Kind "level_shift" is
+        taken too (and logged): `patience` spikes in a row."""
         if not self.cfg.enabled:
             return None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -80,10 +89,19 @@ class SpikeGuard:
         ):
             z = zscore(value, history)
             if limit > 0 and z > limit:
+                self.in_a_row += 1
+                if self.cfg.patience and self.in_a_row > self.cfg.patience:
+                    return {"kind": "level_shift", "z": z, "was": kind}
                 return {"kind": kind, "z": z}
+        self.in_a_row = 0
         return None
 
-    def accept(self, loss: float, grad_norm: float) -> None:
+    def accept(self, loss: float, grad_norm: float, level_shift: bool = False) -> None:
+        """Add a taken step to the baseline; after a level shift the baseline restarts."""
+        if level_shift:
+            self.losses.clear()
+            self.grad_norms.clear()
+            self.in_a_row = 0
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
 
@@ -101,6 +119,7 @@ class SpikeGuard:
             "grad_norms": list(self.grad_norms),
             "events": self.events,
             "lr_scale": self.lr_scale,
+            "in_a_row": self.in_a_row,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -108,6 +127,7 @@ class SpikeGuard:
         self.grad_norms = deque(state.get("grad_norms", []), maxlen=self.cfg.window)
         self.events = state.get("events", 0)
         self.lr_scale = state.get("lr_scale", 1.0)
+        self.in_a_row = state.get("in_a_row", 0)
 
 
 def zscore(value: float, history: deque[float]) -> float:

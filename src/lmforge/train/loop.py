@@ -239,12 +239,12 @@ def train(
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(model, clip)
         event = guard.check(loss_sum, grad_norm)
-        if event is None:
+        taken = event is None or event["kind"] == "level_shift"
+        if taken:
             optimizer.step()
-            guard.accept(loss_sum, grad_norm)
+            guard.accept(loss_sum, grad_norm, level_shift=event is not None)
         optimizer.zero_grad(set_to_none=True)
         if event is not None:
-            guard.record_event()
             event = {
                 "step": step + 1,
                 "tokens": tokens,
@@ -252,14 +252,16 @@ def train(
                 **event,
                 "loss": loss_sum,
                 "grad_norm": grad_norm,
-                "action": guard.cfg.action,
+                "action": "accept" if taken else guard.cfg.action,
                 "rows": [rows_before, loader.rows],
             }
-            if guard.cfg.action == "skip_batches":
+            if not taken:
+                guard.record_event()
+            if event["action"] == "skip_batches":
                 for _ in range(guard.cfg.skip_next * accum):
                     next(batches, None)
                 event["rows"][1] = loader.rows
-            elif guard.cfg.action == "rewind":
+            elif event["action"] == "rewind":
                 if pending is not None:
                     pending.finish()
                     pending = None
