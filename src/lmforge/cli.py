@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lmforge import __version__, pipeline
 from lmforge.checkpoint import CheckpointError
@@ -20,8 +21,9 @@ from lmforge.data import overview
 from lmforge.data.shards import ShardError
 from lmforge.data.sources import DataError
 from lmforge.data.tokenizer_report import markdown_table
-from lmforge.dist import rank
+from lmforge.dist import rank, resolve_device
 from lmforge.logs import setup_logging
+from lmforge.plan import GPUS, format_plan, plan_recipe
 from lmforge.recipe import Recipe, RecipeError, load_recipe
 from lmforge.train.stages import total_tokens
 
@@ -34,6 +36,17 @@ USER_ERRORS = (
     FileExistsError,
     ValueError,
 )
+
+
+def cmd_plan(recipe: Recipe, args: argparse.Namespace) -> None:
+    plan = plan_recipe(
+        recipe, args.gpus, args.gpu, args.mfu, "full" if args.activation_checkpointing else None
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    files = [a for a in args.args if "=" not in a]
+    print(format_plan(plan, files[0] if files else "(demo defaults)"))
 
 
 def cmd_train_tokenizer(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -85,6 +98,41 @@ def cmd_pretrain(recipe: Recipe, args: argparse.Namespace) -> None:
     records = pipeline.pretrain_stage(recipe, resume=args.resume)
     if records and rank() == 0:
         print(json.dumps(records[-1]))
+
+
+def cmd_sft(recipe: Recipe, args: argparse.Namespace) -> None:
+    records = pipeline.sft_stage(recipe, resume=args.resume)
+    if records and rank() == 0:
+        print(json.dumps(records[-1]))
+
+
+def _assistant(recipe: Recipe, args: argparse.Namespace) -> Any:
+    from lmforge.assistant import Assistant
+
+    device = str(resolve_device(recipe.train.device))
+    return Assistant.load(args.checkpoint or recipe.run_dir, device)
+
+
+def cmd_chat(recipe: Recipe, args: argparse.Namespace) -> None:
+    from lmforge.assistant import chat_loop
+
+    assistant = _assistant(recipe, args)
+    print(
+        f"chatting with {assistant.name} ({assistant.context_len}-token context); "
+        "/reset clears the history, /exit ends"
+    )
+    chat_loop(assistant, recipe.generate, args.system)
+
+
+def cmd_serve(recipe: Recipe, args: argparse.Namespace) -> None:
+    from lmforge.serve import ServeConfig, serve
+
+    cfg = ServeConfig(
+        max_tokens=args.max_tokens,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+    )
+    serve(_assistant(recipe, args), args.host, args.port, cfg)
 
 
 def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -146,7 +194,7 @@ def cmd_generate(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def cmd_export(recipe: Recipe, args: argparse.Namespace) -> None:
-    print(pipeline.export_stage(recipe, args.checkpoint, args.out))
+    print(pipeline.export_stage(recipe, args.checkpoint, args.out, args.format, args.dtype))
 
 
 def cmd_run(recipe: Recipe, args: argparse.Namespace) -> None:
@@ -158,6 +206,10 @@ def cmd_run(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
+    "plan": (
+        cmd_plan,
+        "per stage on N GPUs: steps, batch split, FLOPs, memory per GPU, time (nothing runs)",
+    ),
     "train-tokenizer": (cmd_train_tokenizer, "train the byte-level BPE tokenizer"),
     "tokenizer-report": (
         cmd_tokenizer_report,
@@ -169,6 +221,12 @@ VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
         "per-source counts, target/planned/realised shares, sample packed rows",
     ),
     "pretrain": (cmd_pretrain, "pretrain the model on the shards"),
+    "sft": (
+        cmd_sft,
+        "instruction-tune train.init_from on the chat data of sft.paths (assistant-token loss)",
+    ),
+    "chat": (cmd_chat, "chat in the terminal with a checkpoint, run dir or HF folder"),
+    "serve": (cmd_serve, "OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions"),
     "eval": (cmd_eval, "held-out perplexity / bits per byte, or benchmarks with --tasks"),
     "generate": (cmd_generate, "sample continuations of prompts"),
     "export": (cmd_export, "write a Hugging Face LlamaForCausalLM folder"),
@@ -206,10 +264,24 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="FILE",
                 help="a tokenizer.json or sentencepiece .model to compare with (repeatable)",
             )
+        if verb == "plan":
+            p.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs (default 8)")
+            p.add_argument(
+                "--gpu", choices=sorted(GPUS), default="h100", help="GPU kind (default h100)"
+            )
+            p.add_argument(
+                "--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0.4)"
+            )
+            p.add_argument(
+                "--activation-checkpointing",
+                action="store_true",
+                help="every block checkpointed (default: the recipe's parallel section)",
+            )
+            p.add_argument("--json", action="store_true", help="print the plan as JSON")
         if verb == "data-inspect":
             p.add_argument("--rows", type=int, default=2, help="packed rows to decode")
             p.add_argument("--json", action="store_true", help="print everything as JSON")
-        if verb == "pretrain":
+        if verb in ("pretrain", "sft"):
             p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
         if verb == "eval":
             p.add_argument(
@@ -255,16 +327,38 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="LENGTH",
                 help="loss at each position 1..LENGTH of long val documents (+ PNG)",
             )
-        if verb in ("eval", "generate", "export"):
+        if verb in ("eval", "generate", "export", "chat", "serve"):
             p.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
+        if verb == "chat":
+            p.add_argument("--system", help="a system message starting every conversation")
+        if verb == "serve":
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+            p.add_argument("--port", type=int, default=8000, help="port (8000)")
+            p.add_argument("--max-tokens", type=int, default=512, help="most tokens a request gets")
+            p.add_argument("--max-concurrency", type=int, default=1, help="requests at once")
+            p.add_argument("--max-queue", type=int, default=16, help="waiting; more get 503")
         if verb == "generate":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
         if verb == "export":
-            p.add_argument("--out", help="output folder (default: RUN_DIR/hf)")
+            p.add_argument(
+                "--out",
+                help="output folder or .gguf file (default: RUN_DIR/hf, RUN_DIR/model-DTYPE.gguf)",
+            )
+            p.add_argument(
+                "--format", choices=["hf", "gguf"], default="hf", help="HF folder or GGUF file"
+            )
+            p.add_argument(
+                "--dtype", choices=["f32", "f16", "bf16"], default="f16", help="GGUF weights (f16)"
+            )
     return parser
 
 
 def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
+    if verb in ("chat", "serve"):  # `lmforge chat CHECKPOINT`: a folder is the model to load
+        folders = [a for a in args.args if "=" not in a and Path(a).is_dir()]
+        if folders:
+            args.checkpoint = args.checkpoint or folders[0]
+            args.args = [a for a in args.args if a not in folders]
     files = [a for a in args.args if "=" not in a]
     overrides = [a for a in args.args if "=" in a]
     if len(files) > 1 or (files and verb == "demo"):
