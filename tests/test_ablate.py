@@ -1,0 +1,69 @@
+"""Ablations: every variant × seed trained on shared data, paired differences, resumable."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge import pipeline
+from lmforge.ablate import load_spec, run_ablation
+from lmforge.recipe import RecipeError
+from tests.conftest import TINY_OVERRIDES
+
+SPEC = {
+    "name": "masking",
+    "overrides": [*TINY_OVERRIDES, "train.max_tokens=2048", "eval.every_steps=2"],
+    "seeds": [1, 2],
+    "variants": {
+        "eos_reset": ["packing.document_masking=true"],
+        "plain_causal": ["packing.document_masking=false"],
+    },
+    "metrics": ["val_loss", "english.loss"],
+}
+
+
+def write_spec(tmp_path: Path, **changes: object) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, **changes}, allow_unicode=True))
+    return path
+
+
+def test_paired_variants_share_data_and_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = load_spec(write_spec(tmp_path))
+    out = run_ablation(spec, tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("data-*"))) == 1  # one tokenizer + shards for all
+    runs = {(r["variant"], r["seed"]): r["metrics"] for r in out["runs"]}
+    assert len(runs) == 4 and all(len(r["curve"]) == 2 for r in out["runs"])
+    causal = out["variants"]["plain_causal"]["val_loss"]
+    diffs = [runs["plain_causal", s]["val_loss"] - runs["eos_reset", s]["val_loss"] for s in (1, 2)]
+    assert causal["diff_vs_eos_reset"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert causal["mean"] == pytest.approx(
+        statistics.fmean([runs["plain_causal", s]["val_loss"] for s in (1, 2)])
+    )
+    assert runs["eos_reset", 1] != runs["eos_reset", 2]  # seeds differ
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| plain_causal |" in table and "Δ" in table
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 10_000
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(pipeline, "pretrain_stage", no_training)
+    again = run_ablation(spec, tmp_path / "out")
+    assert json.dumps(again["variants"]) == json.dumps(out["variants"])
+
+
+def test_bad_specs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="spec.yaml: recipe: an ablation needs at least two variants"):
+        load_spec(write_spec(tmp_path, variants={"one": []}))
+    with pytest.raises(RecipeError, match="spec.yaml: seed: unknown key"):
+        load_spec(write_spec(tmp_path, seed=[1]))
+    spec = load_spec(write_spec(tmp_path, metrics=["val_loss", "klingon.loss"], seeds=[1]))
+    with pytest.raises(RecipeError, match=r"metrics \['klingon.loss'\] not measured"):
+        run_ablation(spec, tmp_path / "bad")
