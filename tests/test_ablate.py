@@ -60,10 +60,25 @@ def test_paired_variants_share_data_and_resume(
 
 
 def test_bad_specs_are_named(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match="spec.yaml: recipe: an ablation needs at least two variants"):
+    with pytest.raises(
+        RecipeError, match="spec.yaml: recipe: an ablation needs at least two variants"
+    ):
         load_spec(write_spec(tmp_path, variants={"one": []}))
     with pytest.raises(RecipeError, match="spec.yaml: seed: unknown key"):
         load_spec(write_spec(tmp_path, seed=[1]))
     spec = load_spec(write_spec(tmp_path, metrics=["val_loss", "klingon.loss"], seeds=[1]))
     with pytest.raises(RecipeError, match=r"metrics \['klingon.loss'\] not measured"):
         run_ablation(spec, tmp_path / "bad")
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "recipes" / "ablations").glob("*.yaml")), ids=str
+)
+def test_shipped_specs_resolve_every_variant(path: Path, tmp_path: Path) -> None:
+    from lmforge.ablate import data_key, run_recipe
+
+    spec = load_spec(path)
+    recipes = [run_recipe(spec, v, 1, tmp_path) for v in spec.variants]
+    totals = {r.resolved_stages()[-1].end for r in recipes}
+    assert len(totals) == 1  # equal token budgets
+    assert len({data_key(r) for r in recipes}) == 1  # the same tokenizer and shards
