@@ -82,3 +82,18 @@ def test_shipped_specs_resolve_every_variant(path: Path, tmp_path: Path) -> None
     totals = {r.resolved_stages()[-1].end for r in recipes}
     assert len(totals) == 1  # equal token budgets
     assert len({data_key(r) for r in recipes}) == 1  # the same tokenizer and shards
+
+
+def test_ablate_verb_prints_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmforge import ablate
+    from lmforge.cli import main
+
+    def fake(spec: object, root: object) -> dict:
+        return {"reference": "eos_reset", "variants": {}}
+
+    monkeypatch.setattr(ablate, "run_ablation", fake)
+    assert main(["ablate", str(write_spec(tmp_path)), "--out", str(tmp_path / "o")]) == 0
+    assert "## masking" in capsys.readouterr().out
+    assert main(["ablate", str(tmp_path / "missing.yaml")]) == 2

@@ -205,6 +205,36 @@ def cmd_run(recipe: Recipe, args: argparse.Namespace) -> None:
         print(f"\n### sample: {prompt!r}\n{prompt}{text}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from lmforge.report import write_report
+
+    print(write_report(args.run_dirs, args.out))
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from lmforge.report import STATUS_HEADER, find_runs, read_run, run_status, status_row
+
+    found = find_runs(args.root)
+    if not found:
+        print(f"no runs under {args.root}")
+        return
+    rows = [status_row(run_status(read_run(p, name=str(p)))) for p in found]
+    print(
+        overview.markdown_table(STATUS_HEADER, [["-" if c is None else c for c in r] for r in rows])
+    )
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from lmforge.ablate import load_spec, markdown, run_ablation
+
+    setup_logging()
+    spec = load_spec(args.spec)
+    out = args.out or str(Path("runs") / f"ablate-{spec.name}")
+    summary = run_ablation(spec, out)
+    print(markdown(summary, spec))
+    print(f"\n{out}/ablation.json, ablation.md, ablation.png")
+
+
 VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
     "plan": (
         cmd_plan,
@@ -233,6 +263,20 @@ VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
     "run": (cmd_run, "every stage of a recipe, in order"),
     "demo": (cmd_run, "every stage on the embedded tiny bilingual + code default"),
 }
+
+RUN_DIR_VERBS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "report": (
+        cmd_report,
+        "one self-contained HTML page of one run or several overlaid: curves, stages, mixture,"
+        " evals, recipe",
+    ),
+    "runs": (cmd_runs, "list the runs under ROOT (default runs/): steps, losses, checkpoint"),
+    "ablate": (
+        cmd_ablate,
+        "train every variant × seed of an ablation spec; mean ± std, paired differences, plots",
+    ),
+}
+"""Verbs that read run dirs or an ablation spec, not a recipe."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--dtype", choices=["f32", "f16", "bf16"], default="f16", help="GGUF weights (f16)"
             )
+    report_help = RUN_DIR_VERBS["report"][1]
+    report = sub.add_parser("report", help=report_help, description=report_help)
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs to overlay")
+    report.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for report.html (default: RUN_DIR/report; several: report_A_vs_B beside)",
+    )
+    runs_help = RUN_DIR_VERBS["runs"][1]
+    runs = sub.add_parser("runs", help=runs_help, description=runs_help)
+    runs.add_argument("root", nargs="?", default="runs", metavar="ROOT", help="default runs/")
+    ablate_help = RUN_DIR_VERBS["ablate"][1]
+    ablate = sub.add_parser("ablate", help=ablate_help, description=ablate_help)
+    ablate.add_argument("spec", metavar="SPEC.yaml", help="e.g. recipes/ablations/masking.yaml")
+    ablate.add_argument("--out", metavar="DIR", help="default: runs/ablate-NAME")
     return parser
 
 
@@ -375,6 +434,8 @@ def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.verb in RUN_DIR_VERBS:
+        return _run_dir_verb(parser, args, extra)
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -383,6 +444,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = recipe_from_args(args.verb, args)
         VERBS[args.verb][0](recipe, args)
+    except USER_ERRORS as e:
+        print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_dir_verb(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list) -> int:
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        RUN_DIR_VERBS[args.verb][0](args)
     except USER_ERRORS as e:
         print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
         return 2
