@@ -75,7 +75,7 @@ def test_metadata_tokenizer_and_template(prepared_run: Path, tmp_path: Path) -> 
     assert value("llama.rope.freq_base") == pytest.approx(20_000.0)
     assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
     assert value("llama.context_length") == 128
-    assert value("tokenizer.ggml.pre") == "gpt-2"
+    assert value("tokenizer.ggml.pre") == "qwen2"
     assert value("tokenizer.chat_template") == CHAT_TEMPLATE
     names = {t.name for t in reader.tensors}
     assert {"token_embd.weight", "output.weight", "blk.1.ffn_down.weight"} <= names
