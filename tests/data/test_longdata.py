@@ -64,6 +64,39 @@ def test_passkey_sequences_hide_a_key_and_ask_for_it(prepared_run: Path) -> None
     assert max(depths) - min(depths) > 0.3  # the needle moves through the haystack
 
 
+def test_passkey_haystacks_start_anywhere_in_the_corpus_not_only_at_document_starts() -> None:
+    """Few document starts would make few haystacks, which a small model memorizes instead of
+    learning to retrieve (seen: train loss 2 on passkey rows, retrieval at chance)."""
+    haystack = Docs([3000, 3000, 3000], base=20_000)  # token t of document i is 20000+100i+t
+    seqs = PasskeyDocuments(haystack, 120, lambda text: [7] * 4, num_docs=200, seed=0)
+    starts = set()
+    for i in range(200):
+        doc = seqs.document(i)
+        filler = doc[doc >= 20_000]
+        steps = np.diff(filler)
+        assert len(doc) == 120 and np.all((steps == 1) | (steps < 0))  # in order, wrapping
+        starts.add(int(filler[0]))
+    assert len(starts) > 150  # three documents, three starts before
+    wrap = PasskeyDocuments(Docs([10, 0, 7]), 120, lambda text: [7] * 4, num_docs=5, seed=0)
+    assert len(wrap.document(0)) == 120  # a haystack shorter than the room is repeated
+    empty = PasskeyDocuments(Docs([0, 0]), 40, lambda text: [7] * 4, num_docs=5, seed=0)
+    assert len(empty.document(0)) == 16  # nothing to fill with: preamble, needle, question, key
+
+
+def test_passkeys_can_hide_in_the_original_filler(prepared_run: Path) -> None:
+    from lmforge.data.longdata import LongDataConfig, derived_sources
+    from lmforge.eval.needle import PASSKEY_FILLER
+
+    tok = TextTokenizer.load(prepared_run / "tokenizer.json")
+    cfg = LongDataConfig(passkey_haystack="filler")
+    seqs = derived_sources({"passkey_300"}, {"a": Docs([50])}, cfg, tok.encode, seed=0)
+    text = tok.decode(seqs["passkey_300"].document(0).tolist())
+    assert len(seqs["passkey_300"].document(0)) == 300
+    assert PASSKEY_FILLER in text and "What is the pass key?" in text
+    with pytest.raises(ValueError, match="passkey_haystack must be corpus or filler"):
+        LongDataConfig(passkey_haystack="essays")
+
+
 def test_a_stage_weighting_derived_sources_trains_on_them(
     prepared_run: Path, tmp_path: Path
 ) -> None:

@@ -11,8 +11,8 @@ derived sources give a stage's mixture that data from the run's own train split:
 - `passkey`: retrieval sequences of `passkey_tokens` tokens (`passkey_N`: of N tokens, so each
   stage can have sequences that fit its rows): corpus text as the haystack, a random pass key
   stated at a random depth, and the question asking for it at the end (the format of
-  Mohtashami & Jaggi 2023 that eval/needle.py tests, over real text instead of its repeated
-  filler).
+  Mohtashami & Jaggi 2023 that eval/needle.py tests), over real text or, with
+  `passkey_haystack: filler`, over that test's repeated sentences.
 
 Each is a `Documents` view: document i is a pure function of i and the seed, so the loader's
 resumable draw works on them unchanged. They are added to a run only when a mixture names them.
@@ -53,11 +53,17 @@ class LongDataConfig:
     """Length of each `passkey` sequence."""
     passkey_docs: int = 100_000
     """Distinct passkey sequences per epoch of that source."""
+    passkey_haystack: str = "corpus"
+    """What the key hides in: `corpus` text, or `filler`, the repeated sentences of the original
+    test, which a small model predicts at once, so its loss on passkey rows is the retrieval."""
 
     def __post_init__(self) -> None:
         for key in ("min_tokens", "concat_tokens", "passkey_tokens", "passkey_docs"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"long_data.{key} must be > 0, got {getattr(self, key)}")
+        if self.passkey_haystack not in ("corpus", "filler"):
+            got = self.passkey_haystack
+            raise ValueError(f"long_data.passkey_haystack must be corpus or filler, got {got!r}")
 
 
 class LongDocuments:
@@ -136,17 +142,32 @@ class PasskeyDocuments:
         return np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
 
     def _filler(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """n tokens of consecutive haystack documents from a random one on."""
-        parts, have = [], 0
+        """n tokens of consecutive haystack text from a random token of a random document on
+        (wrapping around the set). Not from document starts: a small corpus has few of them,
+        and a model that can memorize its haystacks learns them instead of retrieval."""
         i = int(rng.integers(0, self.haystack.num_docs))
-        for _ in range(self.haystack.num_docs):
+        doc = self.haystack.document(i)
+        parts = [doc[int(rng.integers(0, max(len(doc), 1))) :]]
+        have, empty_run = len(parts[0]), 0
+        while have < n and empty_run <= self.haystack.num_docs:
+            i = (i + 1) % self.haystack.num_docs
             doc = self.haystack.document(i)
             parts.append(doc)
             have += len(doc)
-            if have >= n:
-                break
-            i = (i + 1) % self.haystack.num_docs
-        return np.concatenate(parts)[:n].astype(np.int64) if parts else np.zeros(0, np.int64)
+            empty_run = empty_run + 1 if len(doc) == 0 else 0
+        return np.concatenate(parts)[:n].astype(np.int64)
+
+
+class RepeatedText:
+    """One document: a text's tokens (the passkey filler), which `_filler` wraps around."""
+
+    num_docs = 1
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+
+    def document(self, index: int) -> np.ndarray:
+        return self.tokens
 
 
 class ConcatenatedSet:
@@ -181,10 +202,14 @@ def derived_sources(
         built[LONG_DOCS] = long_docs
     if CONCAT_DOCS in names:
         built[CONCAT_DOCS] = ConcatDocuments(sets, cfg.concat_tokens, encode("\n\n"))
+    if cfg.passkey_haystack == "filler":
+        from lmforge.eval.needle import PASSKEY_FILLER
+
+        haystack: Documents = RepeatedText(encode(PASSKEY_FILLER))
+    else:
+        haystack = ConcatenatedSet(sets)
     for name in sorted(names):
         length = cfg.passkey_tokens if name == PASSKEY else passkey_length(name)
         if length is not None:
-            built[name] = PasskeyDocuments(
-                ConcatenatedSet(sets), length, encode, cfg.passkey_docs, seed
-            )
+            built[name] = PasskeyDocuments(haystack, length, encode, cfg.passkey_docs, seed)
     return built
