@@ -58,6 +58,23 @@ def test_paired_variants_share_data_and_resume(
     again = run_ablation(spec, tmp_path / "out")
     assert json.dumps(again["variants"]) == json.dumps(out["variants"])
 
+    # a task added later is scored on the finished runs' checkpoints, not retrained
+    copa = tmp_path / "tasks" / "copa"
+    copa.mkdir(parents=True)
+    rows = [
+        {"premise": "The man turned on the faucet.", "choice1": "The sink filled.",
+         "choice2": "The door shut.", "question": "effect", "idx": i, "label": i % 2}
+        for i in range(6)
+    ]  # fmt: skip
+    (copa / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from lmforge.cli import main
+
+    argv = ["ablate", str(write_spec(tmp_path)), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--tasks", "copa", "--data-dir", str(tmp_path / "tasks")]) == 0
+    scored = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert all(0 <= r["metrics"]["copa.acc"] <= 1 for r in scored["runs"])
+    assert scored["variants"]["eos_reset"]["val_loss"] == out["variants"]["eos_reset"]["val_loss"]
+
 
 def test_bad_specs_are_named(tmp_path: Path) -> None:
     with pytest.raises(

@@ -119,20 +119,16 @@ def prepare_data(recipe: Recipe, root: Path) -> Path:
 
 
 def run_one(spec: AblationSpec, variant: str, seed: int, root: Path) -> RunResult:
+    """Train one variant × seed and measure it. A finished run is not trained again; metrics
+    it lacks (a task added to the spec later) are measured on its final checkpoint."""
     run_dir = root / variant / f"seed{seed}"
     done = run_dir / "ablation_result.json"
-    if done.is_file():
-        return RunResult(**json.loads(done.read_text()))
+    previous = RunResult(**json.loads(done.read_text())) if done.is_file() else None
+    if previous is not None and all(m in previous.metrics for m in spec.metrics):
+        return previous
     recipe = run_recipe(spec, variant, seed, run_dir)
-    prep = prepare_data(recipe, root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "shards"):
-        if not (run_dir / name).exists():
-            os.symlink((prep / name).resolve(), run_dir / name)
-    if (run_dir / "checkpoints").exists():  # an interrupted run: go on from its checkpoint
-        pipeline.pretrain_stage(recipe, resume=True)
-    else:
-        pipeline.pretrain_stage(recipe)
+    if previous is None:
+        train(recipe, root)
     flat = flatten(pipeline.eval_stage(recipe))
     if spec.tasks:
         scores = pipeline.benchmark_stage(recipe, list(spec.tasks), spec.data_dir, limit=spec.limit)
@@ -148,6 +144,20 @@ def run_one(spec: AblationSpec, variant: str, seed: int, root: Path) -> RunResul
     result = RunResult(variant, seed, str(run_dir), {m: flat[m] for m in spec.metrics}, curve)
     done.write_text(json.dumps(dataclasses.asdict(result)))
     return result
+
+
+def train(recipe: Recipe, root: Path) -> None:
+    """Pretrain one run on the shared tokenizer and shards (linked into its run dir)."""
+    run_dir = Path(recipe.run_dir)
+    prep = prepare_data(recipe, root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "shards"):
+        if not (run_dir / name).exists():
+            os.symlink((prep / name).resolve(), run_dir / name)
+    if (run_dir / "checkpoints").exists():  # an interrupted run: go on from its checkpoint
+        pipeline.pretrain_stage(recipe, resume=True)
+    else:
+        pipeline.pretrain_stage(recipe)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:

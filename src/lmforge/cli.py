@@ -225,10 +225,21 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from lmforge.ablate import load_spec, markdown, run_ablation
 
     setup_logging()
     spec = load_spec(args.spec)
+    if args.tasks:
+        tasks = tuple(t for t in args.tasks.split(",") if t)
+        spec = dataclasses.replace(
+            spec,
+            tasks=tasks,
+            data_dir=args.data_dir or spec.data_dir,
+            limit=args.limit or spec.limit,
+            metrics=(*spec.metrics, *(f"{t}.acc" for t in tasks if f"{t}.acc" not in spec.metrics)),
+        )
     out = args.out or str(Path("runs") / f"ablate-{spec.name}")
     summary = run_ablation(spec, out)
     print(markdown(summary, spec))
@@ -409,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     ablate = sub.add_parser("ablate", help=ablate_help, description=ablate_help)
     ablate.add_argument("spec", metavar="SPEC.yaml", help="e.g. recipes/ablations/masking.yaml")
     ablate.add_argument("--out", metavar="DIR", help="default: runs/ablate-NAME")
+    ablate.add_argument(
+        "--tasks",
+        help="benchmarks scored on every final checkpoint, their accuracy added to the metrics"
+        " (finished runs are scored, not retrained)",
+    )
+    ablate.add_argument("--data-dir", help="one subfolder of data files per task")
+    ablate.add_argument("--limit", type=int, help="first N questions of each task")
     return parser
 
 
