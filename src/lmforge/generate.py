@@ -114,7 +114,7 @@ def generate(
     return new
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_stream(
     model: Llama,
     prompt_ids: list[int],

@@ -257,6 +257,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
             if past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            elif T == 1:  # one new token sees the whole cache: no mask to build
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             else:  # new tokens see the whole prefix and each other causally
                 S = past + T
                 seen = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
