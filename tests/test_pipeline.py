@@ -46,3 +46,29 @@ def test_mixture_weights_default_to_source_sizes(prepared_run: Path) -> None:
     fewer = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources[:1]))
     with pytest.raises(RecipeError, match="re-run 'lmforge tokenize'"):
         mixture_sources(fewer, prepared_run / "shards", tok)
+
+
+def test_held_out_packing_is_the_evaluators_choice(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model trained on plain causal packed rows is scored as trained by default, or with
+    every document alone (eval.document_masking: true), as a masked model would be."""
+    from lmforge import pipeline
+
+    base = [*TINY_OVERRIDES, f"run_dir={tiny_run}", "packing.document_masking=false"]
+    pipeline.pretrain_stage(load_recipe(None, [*base, "train.max_tokens=2048"]))
+    seen: list[bool] = []
+    loader = pipeline.PackedLoader
+
+    def spy(val: object, packing: object, *args: object, **kwargs: object) -> object:
+        seen.append(packing.document_masking)  # type: ignore[attr-defined]
+        return loader(val, packing, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "PackedLoader", spy)
+    losses = {}
+    for setting in (None, False, True):
+        extra = [] if setting is None else [f"eval.document_masking={str(setting).lower()}"]
+        losses[setting] = pipeline.eval_stage(load_recipe(None, [*base, *extra]))["val_loss"]
+        assert set(seen) == {setting is True}  # the whole split and each source part
+        seen.clear()
+    assert losses[None] == losses[False] != losses[True]

@@ -312,8 +312,11 @@ def perplexity(
     max_batches: int | None,
 ) -> dict[str, float]:
     """Held-out metrics on the first max_batches (None: all) of the val split, packed as in
-    training (masking on or off)."""
-    loader = PackedLoader(val, recipe.packing, recipe.eval.batch_size, special, shuffle=False)
+    training (masking on or off) unless eval.document_masking says otherwise."""
+    packing = recipe.packing
+    if recipe.eval.document_masking is not None:
+        packing = replace(packing, document_masking=recipe.eval.document_masking)
+    loader = PackedLoader(val, packing, recipe.eval.batch_size, special, shuffle=False)
     bytes_per_target = val.num_bytes / (val.num_tokens + val.num_docs)
     amp = autocast_dtype(recipe.train.precision, device)
     return evaluate_perplexity(
@@ -359,6 +362,7 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     """Perplexity and bits per byte on the whole val split of the recipe's shards."""
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
+    trained = replace(trained, eval=recipe.eval)  # how to evaluate is the caller's choice
     paths = RunPaths(recipe.run_dir)
     tokenizer = TextTokenizer.load(paths.tokenizer)
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)

@@ -26,6 +26,10 @@ class EvalConfig:
     """Cap on held-out batches per evaluation; None = the whole validation split."""
     batch_size: int = 8
     """Rows per held-out batch."""
+    document_masking: bool | None = None
+    """Held-out rows: None packs them as training did; true: every document attends only to
+    itself (as a model is used); false: packed rows attend across documents. Fixing it compares
+    models trained with and without document masking on the same held-out condition."""
 
 
 @torch.no_grad()
