@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,23 @@ def test_metrics_by_hand() -> None:
     assert m["acc_bytes"] == pytest.approx(0.0)  # request 1: -1/2 vs -1.5/2 → 0; tie → 0
     # stderr of [1, 0, 0]: sample std sqrt(1/3) over sqrt(3)
     assert m["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+
+
+def test_an_answer_longer_than_the_context_names_the_task(model: Llama, tmp_path: Path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from lmforge.eval.suite import SuiteConfig, run_suite
+
+    (tmp_path / "copa").mkdir()
+    row = {"premise": "It rained.", "choice1": "The street got wet " * 5, "choice2": "Sun.",
+           "question": "effect", "idx": 0, "label": 0}  # fmt: skip
+    (tmp_path / "copa" / "validation.jsonl").write_text(json.dumps(row) + "\n")
+    tok = SimpleNamespace(
+        encode=char_encode, bos_id=BOS, encode_batch=lambda ts: [char_encode(t) for t in ts]
+    )
+    cfg = SuiteConfig(tasks=("copa",), data_dir=str(tmp_path), max_length=32)
+    with pytest.raises(ValueError, match=r"copa: a continuation of \d+ tokens exceeds max_length"):
+        run_suite(model, tok, torch.device("cpu"), cfg)  # type: ignore[arg-type]
+    assert run_suite(model, tok, torch.device("cpu"), SuiteConfig(tasks=("copa",),
+        data_dir=str(tmp_path), max_length=128))["tasks"]["copa"]["n"] == 1  # fmt: skip

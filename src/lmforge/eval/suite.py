@@ -80,7 +80,10 @@ def run_suite(
             if not task_path.exists():
                 task_path = Path(cfg.data_dir) / task_spec(name).kind
         task = load_task(name, task_path, num_fewshot=cfg.num_fewshot, limit=cfg.limit)
-        scores = scorer.score(task.requests, desc=name)
+        try:
+            scores = scorer.score(task.requests, desc=name)
+        except ValueError as e:  # e.g. an answer longer than the model's context
+            raise ValueError(f"{name}: {e} ({cfg.max_length}, the model's context)") from None
         results[name] = {
             **mc_metrics(task.requests, scores),
             "num_fewshot": task.num_fewshot,
