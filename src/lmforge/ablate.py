@@ -233,7 +233,13 @@ def plot(summary: dict[str, Any], results: list[RunResult], spec: AblationSpec, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(spec.metrics), figsize=(5 * (1 + len(spec.metrics)), 4))
+    panels = 1 + len(spec.metrics)
+    cols = min(panels, 4)
+    rows = -(-panels // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    axes = grid.ravel()
+    for unused in axes[panels:]:
+        unused.set_axis_off()
     curves = axes[0]
     for variant in spec.variants:
         runs = [r for r in results if r.variant == variant and r.curve]
@@ -246,7 +252,7 @@ def plot(summary: dict[str, Any], results: list[RunResult], spec: AblationSpec, 
         curves.fill_between(tokens, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
     curves.set(xlabel="tokens", ylabel="held-out loss", title="held-out loss (band: seeds)")
     curves.legend()
-    for ax, metric in zip(axes[1:], spec.metrics, strict=True):
+    for ax, metric in zip(axes[1:panels], spec.metrics, strict=True):
         names = list(spec.variants)
         means = [summary["variants"][v][metric]["mean"] for v in names]
         stds = [summary["variants"][v][metric]["std"] for v in names]
