@@ -85,6 +85,34 @@ def test_positions_restart_at_every_document(docs: DocumentSet) -> None:
     assert plain.positions is None and (plain.input_ids == batch.input_ids).all()
 
 
+def test_whole_documents_start_a_row_instead_of_being_cut(docs: DocumentSet) -> None:
+    """split_documents=False: every document that fits a row (wrapped length <= T+1) lies in
+    one row; longer ones are cut as before; every token is still predicted once; resume exact."""
+    T = 24
+    cfg = PackingConfig(seq_len=T, split_documents=False)
+    batches = list(PackedLoader(docs, cfg, 3, SPECIAL, shuffle=False))
+    targets = np.concatenate([b.labels.flatten().numpy() for b in batches])
+    expected = np.concatenate([np.append(docs.document(i), EOS) for i in range(docs.num_docs)])
+    assert targets[targets != IGNORE_INDEX].tolist() == expected.tolist()
+    rows = [r for b in batches for r in b.input_ids.numpy()]
+    for i in range(docs.num_docs):
+        wrapped = wrap_document(docs.document(i), BOS, EOS).tolist()
+        if len(wrapped) <= T:  # fits inputs whole: some row holds it from BOS to EOS
+            assert any(
+                r[j : j + len(wrapped)].tolist() == wrapped for r in rows for j in range(T)
+            ), i
+    cut = list(PackedLoader(docs, PackingConfig(seq_len=T), 3, SPECIAL, shuffle=False))
+    assert len(batches) >= len(cut)  # padding instead of cuts
+    assert sum(int((b.input_ids == PAD).sum()) for b in batches) > 0
+
+    def make() -> PackedLoader:
+        return PackedLoader(docs, cfg, 2, SPECIAL, seed=3)
+
+    straight = list(itertools.islice(make(), 30))
+    for at in (1, 13, 29):
+        _same(straight, _resumed(make, at, 30 - at))
+
+
 def _same(a: list[PackedBatch], b: list[PackedBatch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):

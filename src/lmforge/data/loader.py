@@ -190,12 +190,15 @@ class PackedLoader:
             yield collate(rows, self.packing.document_masking)
 
     def _next_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Read T+1 tokens at the cursor, then move it T on (the last token is only a label)."""
+        """Read T+1 tokens at the cursor, then move it T on (the last token is only a label).
+        A row cut short (the data ends, or a whole document waits for the next row) is consumed
+        entirely."""
         T = self.packing.seq_len
         pieces, ends, _, _ = self._read(T + 1, self.state)
         if not pieces:
             return None
-        _, _, owners, self.state = self._read(T, self.state)
+        advance = min(T, sum(len(p) for p in pieces))
+        _, _, owners, self.state = self._read(advance, self.state)
         consumed = [list(c) for c in self.state.consumed]
         for d, n in owners:
             per_epoch = consumed[d.source]
@@ -211,6 +214,7 @@ class PackedLoader:
         piece came from) and the state after them; the state passed in is not changed."""
         stream, head, offset = state.stream, state.head, state.offset
         pieces, ends, owners = [], [], []
+        row = self.packing.seq_len + 1
         while n > 0:
             if head is None:
                 drawn = self.stream.draw(stream)
@@ -219,6 +223,9 @@ class PackedLoader:
                 head, _, stream = drawn
                 offset = 0
             wrapped = wrap_document(self.stream.document(head), self.bos_id, self.eos_id)
+            whole = not self.packing.split_documents
+            if whole and offset == 0 and pieces and n < len(wrapped) <= row:
+                break  # it fits a row of its own: it starts the next one
             piece = wrapped[offset : offset + n]
             pieces.append(piece)
             owners.append((head, len(piece)))

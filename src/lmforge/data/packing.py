@@ -25,6 +25,11 @@ class PackingConfig:
     """Tokens per training row (T)."""
     document_masking: bool = True
     """Block attention across documents (positions reset per document); False = plain causal."""
+    split_documents: bool = True
+    """True: rows are cut from the stream of documents wherever T falls (no padding). False: a
+    document that would fit in a row but not in the rest of the current one starts the next row
+    (the rest is padding), so synthetic sequences of T-2 tokens (passkey_N) stay whole; longer
+    documents are still cut."""
 
 
 @dataclass(frozen=True)
