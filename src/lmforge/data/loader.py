@@ -213,7 +213,9 @@ class PackedLoader:
         """Up to n tokens at the cursor as pieces of wrapped documents (with the document each
         piece came from) and the state after them; the state passed in is not changed."""
         stream, head, offset = state.stream, state.head, state.offset
-        pieces, ends, owners = [], [], []
+        pieces: list[np.ndarray] = []
+        ends: list[bool] = []
+        owners: list[tuple[Draw, int]] = []
         row = self.packing.seq_len + 1
         while n > 0:
             if head is None:
