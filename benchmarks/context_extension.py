@@ -48,25 +48,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=2_500_000, help="per corpus source")
     p.add_argument("--doc-bytes", type=int, default=16_000, help="cut documents to about this")
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--d-ff", type=int, default=384)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=192)
     p.add_argument("--short-len", type=int, default=256, help="pretraining row length")
     p.add_argument("--long-len", type=int, default=1024, help="extension row length")
     p.add_argument("--rope-theta", type=float, default=10_000.0)
     p.add_argument("--ext-rope-theta", type=float, default=100_000.0, help="ABF base")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--pretrain-tokens", type=int, default=2_400_000)
+    p.add_argument("--pretrain-tokens", type=int, default=3_000_000)
     p.add_argument("--cooldown-tokens", type=int, default=400_000)
-    p.add_argument("--extend-tokens", type=int, default=600_000)
+    p.add_argument("--extend-tokens", type=int, default=800_000)
     p.add_argument("--extend-lr", type=float, default=2e-3, help="cosine to a tenth of it")
-    p.add_argument("--passkey-share", type=float, default=0.75, help="pretrain and cooldown")
+    p.add_argument("--passkey-share", type=float, default=0.85, help="pretrain and cooldown")
     p.add_argument(
         "--short-passkeys",
-        default="126",
+        default="",
         help="passkey lengths trained besides T-2 in pretraining, sharing --passkey-share",
     )
     p.add_argument("--extend-passkey-share", type=float, default=0.5)
@@ -148,6 +148,7 @@ def base_overrides(args: argparse.Namespace, run_dir: Path, sources: list[dict])
         "model.d_ff": args.d_ff,
         "model.rope_theta": args.rope_theta,
         "packing.seq_len": args.short_len,
+        "packing.split_documents": False,  # each passkey sequence whole in one row
         "optim.lr": args.lr,
         "train.batch_tokens": args.batch_tokens,
         "train.micro_batch_size": args.batch_tokens // args.short_len,
@@ -181,7 +182,7 @@ def stages(args: argparse.Namespace, natural: dict[str, int], ext_theta: float) 
         {
             "name": "pretrain",
             "tokens": args.pretrain_tokens,
-            "warmup_tokens": min(20_000, args.pretrain_tokens // 10),
+            "warmup_tokens": min(200_000, args.pretrain_tokens // 10),
             "end_lr": args.lr / 10,
             "mixture": {**corpus(1 - args.passkey_share), **short},
         },
