@@ -217,6 +217,7 @@ class PackedLoader:
         ends: list[bool] = []
         owners: list[tuple[Draw, int]] = []
         row = self.packing.seq_len + 1
+        whole = not self.packing.split_documents  # documents that fit a row are not cut
         while n > 0:
             if head is None:
                 drawn = self.stream.draw(stream)
@@ -225,7 +226,6 @@ class PackedLoader:
                 head, _, stream = drawn
                 offset = 0
             wrapped = wrap_document(self.stream.document(head), self.bos_id, self.eos_id)
-            whole = not self.packing.split_documents
             if whole and offset == 0 and pieces and n < len(wrapped) <= row:
                 break  # it fits a row of its own: it starts the next one
             piece = wrapped[offset : offset + n]
