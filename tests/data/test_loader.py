@@ -59,6 +59,57 @@ def test_pack_row_labels_and_positions() -> None:
     assert pos.tolist() == [0, 1, 2, 3, 0]
 
 
+def test_pack_row_takes_labels_only_where_the_targets_say() -> None:
+    a, b = wrap_document(np.array([5, 6, 7]), BOS, EOS), wrap_document(np.array([8]), BOS, EOS)
+    only_last = np.array([False, False, False, True, True])  # BOS 5 6 [7 EOS]
+    ids, labels, _ = pack_row([a, b[:2]], [True, False], 6, PAD, [only_last, None])
+    assert ids.tolist() == [BOS, 5, 6, 7, EOS, BOS]
+    assert labels.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, EOS, IGNORE_INDEX, 8]
+    same = pack_row([a, b[:2]], [True, False], 6, PAD, [None, None])
+    assert same[1].tolist() == pack_row([a, b[:2]], [True, False], 6, PAD)[1].tolist()
+
+
+class Masked:
+    """Documents of `docs` whose even-indexed ones are trained on their last 3 tokens only."""
+
+    def __init__(self, docs: DocumentSet) -> None:
+        self.docs, self.num_docs = docs, docs.num_docs
+
+    def document(self, index: int) -> np.ndarray:
+        return self.docs.document(index)
+
+    def target_mask(self, index: int) -> np.ndarray | None:
+        if index % 2:
+            return None
+        mask = np.zeros(len(self.docs.document(index)), dtype=bool)
+        mask[-3:] = True
+        return mask
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_target_masks_of_documents_survive_packing_and_cuts(docs: DocumentSet, split: bool) -> None:
+    """Rows of 16 cut documents anywhere: each label is the plain loader's, or ignored exactly
+    where the document says its token is not a target."""
+    packing = PackingConfig(seq_len=16, split_documents=split)
+    plain = list(PackedLoader(docs, packing, 3, SPECIAL, shuffle=False))
+    masked = list(
+        PackedLoader([MixtureSource("m", Masked(docs))], packing, 3, SPECIAL, seed=0, shuffle=False)
+    )
+    got = np.concatenate([b.labels.flatten().numpy() for b in masked])
+    want = np.concatenate([b.labels.flatten().numpy() for b in plain])
+    assert np.array_equal(
+        np.concatenate([b.input_ids.flatten().numpy() for b in masked]),
+        np.concatenate([b.input_ids.flatten().numpy() for b in plain]),
+    )
+    kept = got != IGNORE_INDEX
+    assert np.array_equal(got[kept], want[kept])
+    expected = []  # the targets in order: all of odd documents, the last 3 and EOS of even ones
+    for i in range(docs.num_docs):
+        doc = docs.document(i).tolist()
+        expected += (doc if i % 2 else doc[-3:]) + [EOS]
+    assert got[kept].tolist() == expected
+
+
 def test_one_pass_covers_every_token_once_in_order(docs: DocumentSet) -> None:
     loader = PackedLoader(docs, PackingConfig(seq_len=16), 3, SPECIAL, shuffle=False)
     batches = list(loader)

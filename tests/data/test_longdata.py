@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lmforge import pipeline
+from lmforge.data.loader import PackedLoader
 from lmforge.data.longdata import ConcatDocuments, LongDocuments, PasskeyDocuments
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.recipe import RecipeError, load_recipe
@@ -95,6 +96,30 @@ def test_passkeys_can_hide_in_the_original_filler(prepared_run: Path) -> None:
     assert PASSKEY_FILLER in text and "What is the pass key?" in text
     with pytest.raises(ValueError, match="passkey_haystack must be corpus or filler"):
         LongDataConfig(passkey_haystack="essays")
+
+
+def test_passkey_answer_only_loss_trains_on_the_answer_alone(prepared_run: Path) -> None:
+    """With `passkey_loss: answer` the loader's only targets in a passkey row are the answer
+    (" 12345.") and the EOS after it: no loss on the haystack or the random key's statement."""
+    from lmforge.data.longdata import LongDataConfig, derived_sources
+    from lmforge.data.mixture import MixtureSource
+    from lmforge.data.packing import IGNORE_INDEX, PackingConfig
+
+    tok = TextTokenizer.load(prepared_run / "tokenizer.json")
+    cfg = LongDataConfig(passkey_haystack="filler", passkey_loss="answer")
+    seqs = derived_sources({"passkey_254"}, {"a": Docs([50])}, cfg, tok.encode, seed=0)
+    passkeys = seqs["passkey_254"]
+    special = (tok.bos_id, tok.eos_id, tok.pad_id)
+    loader = PackedLoader([MixtureSource("p", passkeys)], PackingConfig(seq_len=256), 4, special)
+    batch = next(iter(loader))
+    for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist(), strict=True):
+        text = tok.decode(ids)
+        key = text.split("The pass key is ")[1][:5]
+        targets = [t for t in labels if t != IGNORE_INDEX]
+        assert tok.decode(targets[:-1]) == f" {key}." and targets[-1] == tok.eos_id
+    assert PasskeyDocuments(Docs([50]), 60, tok.encode, 3, 0).target_mask(0) is None
+    with pytest.raises(ValueError, match="passkey_loss must be all or answer"):
+        LongDataConfig(passkey_loss="key")
 
 
 def test_a_stage_weighting_derived_sources_trains_on_them(

@@ -25,7 +25,14 @@ from lmforge.data.mixture import (
     MixtureStage,
     StreamState,
 )
-from lmforge.data.packing import PackedBatch, PackingConfig, collate, pack_row, wrap_document
+from lmforge.data.packing import (
+    PackedBatch,
+    PackingConfig,
+    collate,
+    pack_row,
+    wrap_document,
+    wrap_targets,
+)
 from lmforge.data.shards import Shard, ShardError, open_shard
 from lmforge.data.tokenize import read_manifest
 
@@ -194,27 +201,35 @@ class PackedLoader:
         A row cut short (the data ends, or a whole document waits for the next row) is consumed
         entirely."""
         T = self.packing.seq_len
-        pieces, ends, _, _ = self._read(T + 1, self.state)
+        pieces, ends, targets, _, _ = self._read(T + 1, self.state)
         if not pieces:
             return None
         advance = min(T, sum(len(p) for p in pieces))
-        _, _, owners, self.state = self._read(advance, self.state)
+        _, _, _, owners, self.state = self._read(advance, self.state)
         consumed = [list(c) for c in self.state.consumed]
         for d, n in owners:
             per_epoch = consumed[d.source]
             per_epoch.extend([0] * (d.epoch + 1 - len(per_epoch)))
             per_epoch[d.epoch] += n
         self.state = replace(self.state, consumed=tuple(tuple(c) for c in consumed))
-        return pack_row(pieces, ends, T, self.pad_id)
+        return pack_row(pieces, ends, T, self.pad_id, targets)
 
     def _read(
         self, n: int, state: LoaderState
-    ) -> tuple[list[np.ndarray], list[bool], list[tuple[Draw, int]], LoaderState]:
-        """Up to n tokens at the cursor as pieces of wrapped documents (with the document each
-        piece came from) and the state after them; the state passed in is not changed."""
+    ) -> tuple[
+        list[np.ndarray],
+        list[bool],
+        list[np.ndarray | None],
+        list[tuple[Draw, int]],
+        LoaderState,
+    ]:
+        """Up to n tokens at the cursor as pieces of wrapped documents (with each piece's target
+        mask, None = all, and the document it came from) and the state after them; the state
+        passed in is not changed."""
         stream, head, offset = state.stream, state.head, state.offset
         pieces: list[np.ndarray] = []
         ends: list[bool] = []
+        targets: list[np.ndarray | None] = []
         owners: list[tuple[Draw, int]] = []
         row = self.packing.seq_len + 1
         whole = not self.packing.split_documents  # documents that fit a row are not cut
@@ -230,10 +245,18 @@ class PackedLoader:
                 break  # it fits a row of its own: it starts the next one
             piece = wrapped[offset : offset + n]
             pieces.append(piece)
+            mask = self.stream.target_mask(head)
+            targets.append(None if mask is None else wrap_targets(mask)[offset : offset + n])
             owners.append((head, len(piece)))
             n -= len(piece)
             offset += len(piece)
             ends.append(offset == len(wrapped))
             if ends[-1]:
                 head, offset = None, 0
-        return pieces, ends, owners, replace(state, stream=stream, head=head, offset=offset)
+        return (
+            pieces,
+            ends,
+            targets,
+            owners,
+            replace(state, stream=stream, head=head, offset=offset),
+        )

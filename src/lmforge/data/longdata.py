@@ -56,6 +56,10 @@ class LongDataConfig:
     passkey_haystack: str = "corpus"
     """What the key hides in: `corpus` text, or `filler`, the repeated sentences of the original
     test, which a small model predicts at once, so its loss on passkey rows is the retrieval."""
+    passkey_loss: str = "all"
+    """Which passkey tokens are trained on: `all`, or only the `answer` after the question (as
+    instruction tuning masks prompts). The key's first statement is random digits no model can
+    predict, and the haystack teaches nothing about retrieval: the answer is the one signal."""
 
     def __post_init__(self) -> None:
         for key in ("min_tokens", "concat_tokens", "passkey_tokens", "passkey_docs"):
@@ -64,6 +68,9 @@ class LongDataConfig:
         if self.passkey_haystack not in ("corpus", "filler"):
             got = self.passkey_haystack
             raise ValueError(f"long_data.passkey_haystack must be corpus or filler, got {got!r}")
+        if self.passkey_loss not in ("all", "answer"):
+            got = self.passkey_loss
+            raise ValueError(f"long_data.passkey_loss must be all or answer, got {got!r}")
 
 
 class LongDocuments:
@@ -113,7 +120,8 @@ class ConcatDocuments:
 
 
 class PasskeyDocuments:
-    """`num_docs` retrieval sequences of `length` tokens over a haystack of corpus text."""
+    """`num_docs` retrieval sequences of `length` tokens over a haystack of corpus text; with
+    `answer_only`, only the answer tokens are targets."""
 
     def __init__(
         self,
@@ -122,6 +130,7 @@ class PasskeyDocuments:
         encode: Callable[[str], list[int]],
         num_docs: int,
         seed: int,
+        answer_only: bool = False,
     ) -> None:
         from lmforge.eval.needle import PASSKEY_PREAMBLE, PASSKEY_QUESTION
 
@@ -129,12 +138,25 @@ class PasskeyDocuments:
         self.num_docs, self.seed = num_docs, seed
         self.preamble = encode(PASSKEY_PREAMBLE)
         self.question = encode(PASSKEY_QUESTION)
+        self.answer_only = answer_only
 
-    def document(self, index: int) -> np.ndarray:
+    def _key(self, index: int) -> tuple[np.random.Generator, int, list[int]]:
+        """Document `index`'s generator (after drawing the key), key and answer tokens."""
         rng = np.random.default_rng([self.seed, index])
         key = int(rng.integers(10_000, 100_000))
+        return rng, key, self.encode(f" {key}.")
+
+    def target_mask(self, index: int) -> np.ndarray | None:
+        """Only the answer with `answer_only`, else None (every token)."""
+        if not self.answer_only:
+            return None
+        mask = np.zeros(len(self.document(index)), dtype=bool)
+        mask[len(mask) - len(self._key(index)[2]) :] = True
+        return mask
+
+    def document(self, index: int) -> np.ndarray:
+        rng, key, answer = self._key(index)
         needle = self.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        answer = self.encode(f" {key}.")
         room = self.length - len(self.preamble) - len(needle) - len(self.question) - len(answer)
         filler = self._filler(rng, max(room, 0))
         depth = int(rng.integers(0, len(filler) + 1))
@@ -211,5 +233,7 @@ def derived_sources(
     for name in sorted(names):
         length = cfg.passkey_tokens if name == PASSKEY else passkey_length(name)
         if length is not None:
-            built[name] = PasskeyDocuments(haystack, length, encode, cfg.passkey_docs, seed)
+            built[name] = PasskeyDocuments(
+                haystack, length, encode, cfg.passkey_docs, seed, cfg.passkey_loss == "answer"
+            )
     return built

@@ -20,6 +20,10 @@ import numpy as np
 
 
 class Documents(Protocol):
+    """A set of token documents. One may also define `target_mask(index)`: a bool array over
+    document `index`'s tokens saying which are predicted (e.g. only a retrieval answer), or None
+    when all are; without it every token is."""
+
     num_docs: int
 
     def document(self, index: int) -> np.ndarray: ...
@@ -163,6 +167,11 @@ class DocumentStream:
 
     def document(self, d: Draw) -> np.ndarray:
         return self.sources[d.source].docs.document(d.index)
+
+    def target_mask(self, d: Draw) -> np.ndarray | None:
+        """Which tokens of the document are predicted; None = all."""
+        mask = getattr(self.sources[d.source].docs, "target_mask", None)
+        return None if mask is None else mask(d.index)
 
     def _order(self, source: int, epoch: int) -> np.ndarray:
         cached = self._orders.get(source)

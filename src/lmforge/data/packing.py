@@ -61,14 +61,27 @@ def wrap_document(doc: np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
     return out
 
 
+def wrap_targets(mask: np.ndarray) -> np.ndarray:
+    """A document's target mask (True = the token is predicted) for `BOS doc EOS`: BOS is never
+    a target, EOS is one when the document's last token is (an empty document's EOS is)."""
+    last = bool(mask[-1]) if len(mask) else True
+    return np.concatenate([[False], mask.astype(bool), [last]])
+
+
 def pack_row(
-    pieces: Sequence[np.ndarray], ends_document: Sequence[bool], seq_len: int, pad_id: int
+    pieces: Sequence[np.ndarray],
+    ends_document: Sequence[bool],
+    seq_len: int,
+    pad_id: int,
+    targets: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row from consecutive pieces of wrapped documents holding up to T+1 tokens.
 
-    `ends_document[i]` says piece i ends with its document's EOS. Returns int64 arrays of length
-    T: inputs, labels (shifted by one; IGNORE_INDEX across a document boundary and past the end)
-    and positions (0 at every piece start). Short rows (end of data) are padded with pad_id.
+    `ends_document[i]` says piece i ends with its document's EOS; `targets[i]`, when given and
+    not None, which of piece i's tokens are predicted (the rest get IGNORE_INDEX labels: e.g.
+    only a retrieval sequence's answer). Returns int64 arrays of length T: inputs, labels
+    (shifted by one; IGNORE_INDEX across a document boundary and past the end) and positions
+    (0 at every piece start). Short rows (end of data) are padded with pad_id.
     """
     tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
     if len(tokens) > seq_len + 1:
@@ -76,6 +89,14 @@ def pack_row(
     positions = np.concatenate([np.arange(len(p)) for p in pieces]) if pieces else tokens
     labels = np.full(seq_len, IGNORE_INDEX, dtype=np.int64)
     labels[: max(len(tokens) - 1, 0)] = tokens[1:]
+    if targets is not None and any(t is not None for t in targets):
+        wanted = np.concatenate(
+            [
+                np.ones(len(p), bool) if t is None else t
+                for p, t in zip(pieces, targets, strict=True)
+            ]
+        )
+        labels[: max(len(tokens) - 1, 0)][~wanted[1:]] = IGNORE_INDEX
     end = 0
     for piece, ends in zip(pieces, ends_document, strict=True):
         end += len(piece)
