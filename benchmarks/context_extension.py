@@ -86,9 +86,19 @@ def parse_args() -> argparse.Namespace:
         default="filler",
         help="what training passkeys hide in (long_data.passkey_haystack)",
     )
+    p.add_argument(
+        "--passkey-loss",
+        choices=["answer", "all"],
+        default="answer",
+        help="train passkey rows on the answer only, or on every token (long_data.passkey_loss)",
+    )
     p.add_argument("--long-docs-share", type=float, default=0.05)
     p.add_argument("--concat-docs-share", type=float, default=0.05)
-    p.add_argument("--lengths", default="128,256,512,1024", help="passkey prompt lengths")
+    p.add_argument(
+        "--lengths",
+        default="120,248,504,1016",
+        help="passkey prompt lengths (prompt + its 6-token answer within 128/256/512/1024)",
+    )
     p.add_argument("--depths", default="0,25,50,75,100", help="needle depths, percent")
     p.add_argument("--samples", type=int, default=4, help="passkey prompts per cell")
     p.add_argument("--position-docs", type=int, default=48, help="val documents for the curve")
@@ -177,6 +187,7 @@ def base_overrides(args: argparse.Namespace, run_dir: Path, sources: list[dict])
         # batch's loss swings with its mix of the two, which the z-score guard reads as spikes
         "guard.enabled": False,
         "long_data.passkey_haystack": args.passkey_haystack,
+        "long_data.passkey_loss": args.passkey_loss,
         "long_data.min_tokens": args.long_len,
         "long_data.concat_tokens": args.long_len - 2,
     }

@@ -19,7 +19,7 @@ import torch
 from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
 from lmforge.data.clean import CleanConfig, clean
 from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
-from lmforge.data.longdata import derived_sources
+from lmforge.data.longdata import PASSKEY, derived_sources, passkey_length
 from lmforge.data.mixture import MixtureSource
 from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
 from lmforge.data.sft import SFTLoader, load_sft_data
@@ -298,7 +298,12 @@ def mixture_sources(recipe: Recipe, shards: Path, tokenizer: TextTokenizer) -> l
             )
         )
     named = {name for stage in recipe.mixture_stages() for name in stage.weights}
-    derived = derived_sources(named, found, recipe.long_data, tokenizer.encode, recipe.seed)
+    ends: frozenset[int] = frozenset()
+    if any(passkey_length(n) is not None or n == PASSKEY for n in named):
+        from lmforge.eval.needle import sentence_end_ids
+
+        ends = sentence_end_ids(tokenizer)  # passkey needles between sentences, as the test has
+    derived = derived_sources(named, found, recipe.long_data, tokenizer.encode, recipe.seed, ends)
     sources += [MixtureSource(name, docs, weight=0.0) for name, docs in derived.items()]
     return sources
 

@@ -84,6 +84,30 @@ def test_passkey_haystacks_start_anywhere_in_the_corpus_not_only_at_document_sta
     assert len(empty.document(0)) == 16  # nothing to fill with: preamble, needle, question, key
 
 
+def test_passkey_haystacks_and_needles_can_follow_sentences() -> None:
+    """With sentence-end ids the haystack starts after one and the needle goes right after one
+    (or at the haystack's start), as the test lays out its prompts; without, anywhere."""
+
+    def encode(text: str) -> list[int]:
+        marks = {"There is": 5, " The pass": 6, "\nWhat": 7}
+        return [next((m for k, m in marks.items() if text.startswith(k)), 8)] * 4
+
+    haystack = Docs([3000, 3000, 3000], base=20_000)  # token t of document i is 20000+100i+t
+    ends = frozenset(t for t in range(20_000, 24_000) if t % 10 == 9)
+    aligned = PasskeyDocuments(haystack, 150, encode, 100, seed=0, sentence_ends=ends)
+    anywhere = PasskeyDocuments(haystack, 150, encode, 100, seed=0)
+    for seqs, follows in ((aligned, [100]), (anywhere, range(1, 40))):
+        first, before_needle = [], []
+        for i in range(100):
+            doc = seqs.document(i)
+            assert len(doc) == 150
+            filler = doc[doc >= 20_000]
+            first.append(int(filler[0]) % 10 == 0)  # the filler's first token starts a sentence
+            at = int(np.flatnonzero(doc == 6)[0])
+            before_needle.append(doc[at - 1] == 5 or int(doc[at - 1]) in ends)
+        assert sum(first) in follows and sum(before_needle) in follows
+
+
 def test_passkeys_can_hide_in_the_original_filler(prepared_run: Path) -> None:
     from lmforge.data.longdata import LongDataConfig, derived_sources
     from lmforge.eval.needle import PASSKEY_FILLER

@@ -121,7 +121,9 @@ class ConcatDocuments:
 
 class PasskeyDocuments:
     """`num_docs` retrieval sequences of `length` tokens over a haystack of corpus text; with
-    `answer_only`, only the answer tokens are targets."""
+    `answer_only`, only the answer tokens are targets. Given `sentence_ends` (token ids), the
+    haystack starts at a sentence and the needle goes between sentences, as the test lays its
+    prompts out (eval/needle.py); otherwise both fall on any token."""
 
     def __init__(
         self,
@@ -131,11 +133,13 @@ class PasskeyDocuments:
         num_docs: int,
         seed: int,
         answer_only: bool = False,
+        sentence_ends: frozenset[int] = frozenset(),
     ) -> None:
         from lmforge.eval.needle import PASSKEY_PREAMBLE, PASSKEY_QUESTION
 
         self.haystack, self.length, self.encode = haystack, length, encode
         self.num_docs, self.seed = num_docs, seed
+        self.sentence_ends = np.fromiter(sentence_ends, dtype=np.int64)
         self.preamble = encode(PASSKEY_PREAMBLE)
         self.question = encode(PASSKEY_QUESTION)
         self.answer_only = answer_only
@@ -160,6 +164,9 @@ class PasskeyDocuments:
         room = self.length - len(self.preamble) - len(needle) - len(self.question) - len(answer)
         filler = self._filler(rng, max(room, 0))
         depth = int(rng.integers(0, len(filler) + 1))
+        if len(self.sentence_ends) and depth < len(filler):  # back off to a sentence end
+            ends = np.flatnonzero(np.isin(filler[:depth], self.sentence_ends))
+            depth = int(ends[-1]) + 1 if len(ends) else 0
         pieces = [self.preamble, filler[:depth], needle, filler[depth:], self.question, answer]
         return np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
 
@@ -169,7 +176,11 @@ class PasskeyDocuments:
         and a model that can memorize its haystacks learns them instead of retrieval."""
         i = int(rng.integers(0, self.haystack.num_docs))
         doc = self.haystack.document(i)
-        parts = [doc[int(rng.integers(0, max(len(doc), 1))) :]]
+        start = int(rng.integers(0, max(len(doc), 1)))
+        if len(self.sentence_ends):  # on to the next sentence start, if the document has one
+            ends = np.flatnonzero(np.isin(doc[start:], self.sentence_ends))
+            start = start + int(ends[0]) + 1 if len(ends) else start
+        parts = [doc[start:]]
         have, empty_run = len(parts[0]), 0
         while have < n and empty_run <= self.haystack.num_docs:
             i = (i + 1) % self.haystack.num_docs
@@ -211,8 +222,10 @@ def derived_sources(
     cfg: LongDataConfig,
     encode: Callable[[str], list[int]],
     seed: int,
+    sentence_ends: frozenset[int] = frozenset(),
 ) -> dict[str, Documents]:
-    """The derived sources among `names`, built over the run's train split."""
+    """The derived sources among `names`, built over the run's train split; `sentence_ends`
+    (token ids) align passkey haystacks and needles to sentences."""
     sets = list(train.values())
     built: dict[str, Documents] = {}
     if LONG_DOCS in names:
@@ -233,7 +246,8 @@ def derived_sources(
     for name in sorted(names):
         length = cfg.passkey_tokens if name == PASSKEY else passkey_length(name)
         if length is not None:
+            answer_only = cfg.passkey_loss == "answer"
             built[name] = PasskeyDocuments(
-                haystack, length, encode, cfg.passkey_docs, seed, cfg.passkey_loss == "answer"
+                haystack, length, encode, cfg.passkey_docs, seed, answer_only, sentence_ends
             )
     return built

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +126,13 @@ def read_haystack(path: str | Path) -> list[str]:
     return texts
 
 
+def sentence_end_ids(tokenizer: TextTokenizer, ids: Iterable[int] | None = None) -> frozenset[int]:
+    """The token ids (of `ids`, default the whole vocabulary) whose text ends a sentence: a
+    period or a newline, trailing spaces aside."""
+    ids = range(tokenizer.vocab_size) if ids is None else ids
+    return frozenset(i for i in ids if tokenizer.decode([i]).rstrip(" ").endswith((".", "\n")))
+
+
 class Haystack:
     """Token ids of the haystack texts, cycled as far as needed, with the sentence ends marked.
 
@@ -139,7 +146,7 @@ class Haystack:
             if ids:
                 self.starts.append(len(self.ids))
                 self.ids.extend(ids)
-        ends = {i for i in set(self.ids) if tokenizer.decode([i]).rstrip(" ").endswith((".", "\n"))}
+        ends = sentence_end_ids(tokenizer, set(self.ids))
         self.sentence_end = [i in ends for i in self.ids]
 
     def take(self, sample: int, n: int) -> tuple[list[int], list[bool]]:
