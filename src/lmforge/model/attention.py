@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lmforge.model.config import AttentionImpl, ModelConfig
+from lmforge.model.linear import Linear
 from lmforge.model.rope import apply_rope
 
 DENSE_MAX_SEQ_LEN = 1024
@@ -231,10 +232,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         kv_dim = cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = Linear(cfg.d_model, kv_dim)
+        self.v_proj = Linear(cfg.d_model, kv_dim)
+        self.o_proj = Linear(cfg.d_model, cfg.d_model)
 
     def forward(
         self,

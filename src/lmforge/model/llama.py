@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.attention import Attention, DocumentMask, KVCache, plan_document_mask
 from lmforge.model.config import ModelConfig
+from lmforge.model.linear import Linear
 from lmforge.model.rope import rope_cos_sin
 
 
@@ -38,9 +39,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_ff)
+        self.up_proj = Linear(cfg.d_model, cfg.d_ff)
+        self.down_proj = Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -75,7 +76,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()

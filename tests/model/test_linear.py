@@ -1,0 +1,34 @@
+"""The one-token matrix-vector path of model.linear.Linear computes nn.Linear's function."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.linear import Linear
+
+
+def test_one_token_matches_the_matrix_path_values_shapes_and_gradients() -> None:
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    for shape in [(48,), (1, 48), (1, 1, 48)]:
+        x = torch.randn(shape, requires_grad=True)
+        fast = layer(x)
+        ref = F.linear(x, layer.weight)
+        assert fast.shape == ref.shape
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+        (g_fast,) = torch.autograd.grad(fast.square().sum(), layer.weight)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), layer.weight)
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 5, 48)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))  # more than one token: nn.Linear
+    assert list(layer.state_dict()) == ["weight"]  # the keys checkpoints and export expect
+
+
+def test_autocast_keeps_the_autocast_path() -> None:
+    layer = Linear(32, 16)
+    x = torch.randn(1, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, layer.weight)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
