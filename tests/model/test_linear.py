@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +26,16 @@ def test_one_token_matches_the_matrix_path_values_shapes_and_gradients() -> None
     assert list(layer.state_dict()) == ["weight"]  # the keys checkpoints and export expect
 
 
-def test_autocast_keeps_the_autocast_path() -> None:
+def test_autocast_and_bf16_weights_keep_the_matrix_path(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = Linear(32, 16)
     x = torch.randn(1, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         ref = F.linear(x, layer.weight)
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    calls = []
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(a) or torch.zeros(16))
+    layer.to(torch.bfloat16)(x.bfloat16())
+    assert not calls
+    layer.float()(x)
+    assert len(calls) == 1
