@@ -164,6 +164,31 @@ def test_whole_documents_start_a_row_instead_of_being_cut(docs: DocumentSet) -> 
         _same(straight, _resumed(make, at, 30 - at))
 
 
+class Constant:
+    """`num_docs` documents of `length` copies of one token."""
+
+    def __init__(self, token: int, length: int, num_docs: int = 50) -> None:
+        self.token, self.length, self.num_docs = token, length, num_docs
+
+    def document(self, index: int) -> np.ndarray:
+        return np.full(self.length, self.token, dtype=np.int64)
+
+
+def test_padding_counts_toward_the_mixture_stage_switch() -> None:
+    """Rows of 16 holding one 12-token wrapped document and 4 tokens of padding: a stage at
+    10 rows x 16 tokens switches at row 10 (the trainer's token count), not at row 14 (where
+    the documents alone would reach 160 tokens)."""
+    sources = [MixtureSource("a", Constant(50, 10)), MixtureSource("b", Constant(60, 3), 0.0)]
+    stage = MixtureStage(from_tokens=10 * 16, weights={"a": 0.0, "b": 1.0})
+    cfg = PackingConfig(seq_len=16, split_documents=False)
+    loader = PackedLoader(sources, cfg, 1, SPECIAL, seed=0, stages=[stage])
+    rows = [b.input_ids[0].numpy() for b in itertools.islice(loader, 16)]
+    assert all((r == PAD).sum() == 4 and (r == 50).sum() == 10 for r in rows[:10])
+    first_b = next(i for i, r in enumerate(rows) if (r == 60).any())
+    assert first_b == 10
+    assert not any((r == 50).any() for r in rows[first_b + 1 :])
+
+
 def _same(a: list[PackedBatch], b: list[PackedBatch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):

@@ -201,11 +201,18 @@ class PackedLoader:
         A row cut short (the data ends, or a whole document waits for the next row) is consumed
         entirely."""
         T = self.packing.seq_len
-        pieces, ends, targets, _, _ = self._read(T + 1, self.state)
+        pieces, ends, targets, _, peeked = self._read(T + 1, self.state)
         if not pieces:
             return None
         advance = min(T, sum(len(p) for p in pieces))
         _, _, _, owners, self.state = self._read(advance, self.state)
+        if advance < T and peeked.head is not None:
+            # padding before a whole document (not the end of the data): it counts toward the
+            # stream's position like the tokens around it, so mixture stages switch where the
+            # trainer's token count (rows x T) says, not later by all the padding so far
+            stream = self.state.stream
+            stream = replace(stream, tokens=stream.tokens + T - advance)
+            self.state = replace(self.state, stream=stream)
         consumed = [list(c) for c in self.state.consumed]
         for d, n in owners:
             per_epoch = consumed[d.source]
