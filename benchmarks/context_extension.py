@@ -33,8 +33,9 @@ on text says little.
 Each checkpoint is scored on the passkey grid (`pipeline.needle_stage`: exact match of the greedy
 key and its teacher-forced log-probability for prompts of 120-1016 tokens, so that prompt and
 answer fit rows of 128-1024: a prompt of exactly T puts the answer past every trained position)
-and on loss by position at 1024 (`pipeline.position_stage`). Results: OUT/context_extension.json, OUT/loss_by_position.png,
-and the per-checkpoint heatmaps OUT/needle_passkey_{label}.png.
+and on loss by position at 1024 (`pipeline.position_stage`). Results:
+OUT/context_extension.json, OUT/loss_by_position.png, and the per-checkpoint heatmaps
+OUT/needle_passkey_{label}.png.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def parse_args() -> argparse.Namespace:
         choices=["answer", "all"],
         default="answer",
         help="train passkey rows on the answer only, or on every token (long_data.passkey_loss)",
+    )
+    p.add_argument(
+        "--passkey-min-fraction",
+        type=float,
+        default=1.0,
+        help="passkey_N lengths drawn from [fraction x N, N] (long_data.passkey_min_fraction)",
     )
     p.add_argument("--long-docs-share", type=float, default=0.0)
     p.add_argument("--concat-docs-share", type=float, default=0.0)
@@ -196,6 +203,7 @@ def base_overrides(args: argparse.Namespace, run_dir: Path, sources: list[dict])
         "guard.enabled": False,
         "long_data.passkey_haystack": args.passkey_haystack,
         "long_data.passkey_loss": args.passkey_loss,
+        "long_data.passkey_min_fraction": args.passkey_min_fraction,
         "long_data.min_tokens": args.long_len,
         "long_data.concat_tokens": args.long_len - 2,
     }

@@ -108,6 +108,25 @@ def test_passkey_haystacks_and_needles_can_follow_sentences() -> None:
         assert sum(first) in follows and sum(before_needle) in follows
 
 
+def test_passkey_lengths_can_vary_between_a_fraction_of_n_and_n(prepared_run: Path) -> None:
+    from lmforge.data.longdata import LongDataConfig, derived_sources
+
+    tok = TextTokenizer.load(prepared_run / "tokenizer.json")
+    cfg = LongDataConfig(passkey_haystack="filler", passkey_min_fraction=0.5)
+    seqs = derived_sources({"passkey_400"}, {"a": Docs([50])}, cfg, tok.encode, seed=0)
+    lengths = [len(seqs["passkey_400"].document(i)) for i in range(200)]
+    assert min(lengths) >= 200 and max(lengths) <= 400 and len(set(lengths)) > 100
+    assert [len(seqs["passkey_400"].document(i)) for i in range(5)] == lengths[:5]  # pure
+    for i in (0, 7, 9):
+        text = tok.decode(seqs["passkey_400"].document(i).tolist())
+        key = text.split("The pass key is ")[1][:5]
+        assert text.endswith(f"What is the pass key? The pass key is {key}.")
+    fixed = derived_sources({"passkey_400"}, {"a": Docs([50])}, LongDataConfig(), tok.encode, 0)
+    assert {len(fixed["passkey_400"].document(i)) for i in range(20)} == {400}
+    with pytest.raises(ValueError, match="passkey_min_fraction must be in"):
+        LongDataConfig(passkey_min_fraction=0)
+
+
 def test_passkeys_can_hide_in_the_original_filler(prepared_run: Path) -> None:
     from lmforge.data.longdata import LongDataConfig, derived_sources
     from lmforge.eval.needle import PASSKEY_FILLER

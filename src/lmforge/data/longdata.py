@@ -53,6 +53,10 @@ class LongDataConfig:
     """Length of each `passkey` sequence."""
     passkey_docs: int = 100_000
     """Distinct passkey sequences per epoch of that source."""
+    passkey_min_fraction: float = 1.0
+    """Each passkey sequence's length is drawn uniformly from [fraction x N, N] (1: all N).
+    At one fixed length a small model can key its answer on where the question sits rather
+    than on what it says, and then retrieves at that length only."""
     passkey_haystack: str = "corpus"
     """What the key hides in: `corpus` text, or `filler`, the repeated sentences of the original
     test, which a small model predicts at once, so its loss on passkey rows is the retrieval."""
@@ -68,6 +72,9 @@ class LongDataConfig:
         if self.passkey_haystack not in ("corpus", "filler"):
             got = self.passkey_haystack
             raise ValueError(f"long_data.passkey_haystack must be corpus or filler, got {got!r}")
+        if not 0 < self.passkey_min_fraction <= 1:
+            fraction = self.passkey_min_fraction
+            raise ValueError(f"long_data.passkey_min_fraction must be in (0, 1], got {fraction}")
         if self.passkey_loss not in ("all", "answer"):
             got = self.passkey_loss
             raise ValueError(f"long_data.passkey_loss must be all or answer, got {got!r}")
@@ -121,9 +128,10 @@ class ConcatDocuments:
 
 class PasskeyDocuments:
     """`num_docs` retrieval sequences of `length` tokens over a haystack of corpus text; with
-    `answer_only`, only the answer tokens are targets. Given `sentence_ends` (token ids), the
-    haystack starts at a sentence and the needle goes between sentences, as the test lays its
-    prompts out (eval/needle.py); otherwise both fall on any token."""
+    `answer_only`, only the answer tokens are targets; with `min_length`, each of a length
+    drawn from [min_length, length]. Given `sentence_ends` (token ids), the haystack starts at a
+    sentence and the needle goes between sentences, as the test lays its prompts out
+    (eval/needle.py); otherwise both fall on any token."""
 
     def __init__(
         self,
@@ -134,11 +142,13 @@ class PasskeyDocuments:
         seed: int,
         answer_only: bool = False,
         sentence_ends: frozenset[int] = frozenset(),
+        min_length: int | None = None,
     ) -> None:
         from lmforge.eval.needle import PASSKEY_PREAMBLE, PASSKEY_QUESTION
 
         self.haystack, self.length, self.encode = haystack, length, encode
         self.num_docs, self.seed = num_docs, seed
+        self.min_length = length if min_length is None else min_length
         self.sentence_ends = np.fromiter(sentence_ends, dtype=np.int64)
         self.preamble = encode(PASSKEY_PREAMBLE)
         self.question = encode(PASSKEY_QUESTION)
@@ -161,7 +171,10 @@ class PasskeyDocuments:
     def document(self, index: int) -> np.ndarray:
         rng, key, answer = self._key(index)
         needle = self.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
-        room = self.length - len(self.preamble) - len(needle) - len(self.question) - len(answer)
+        length = self.length
+        if self.min_length < length:
+            length = int(rng.integers(self.min_length, length + 1))
+        room = length - len(self.preamble) - len(needle) - len(self.question) - len(answer)
         filler = self._filler(rng, max(room, 0))
         depth = int(rng.integers(0, len(filler) + 1))
         if len(self.sentence_ends) and depth < len(filler):  # back off to a sentence end
@@ -247,7 +260,15 @@ def derived_sources(
         length = cfg.passkey_tokens if name == PASSKEY else passkey_length(name)
         if length is not None:
             answer_only = cfg.passkey_loss == "answer"
+            shortest = max(1, round(cfg.passkey_min_fraction * length))
             built[name] = PasskeyDocuments(
-                haystack, length, encode, cfg.passkey_docs, seed, answer_only, sentence_ends
+                haystack,
+                length,
+                encode,
+                cfg.passkey_docs,
+                seed,
+                answer_only,
+                sentence_ends,
+                shortest,
             )
     return built
