@@ -174,6 +174,25 @@ class Constant:
         return np.full(self.length, self.token, dtype=np.int64)
 
 
+class Listed:
+    def __init__(self, docs: list[np.ndarray]) -> None:
+        self.docs, self.num_docs = docs, len(docs)
+
+    def document(self, index: int) -> np.ndarray:
+        return self.docs[index]
+
+
+def test_a_whole_document_ending_exactly_at_the_row_end_is_read_once() -> None:
+    """Rows of 16 read 17 tokens (the last only a label): 5 + 12 wrapped tokens fill one
+    exactly, and the 12-token document must not start the next row again."""
+    docs = [np.arange(n) + 10 * i + 10 for i, n in enumerate([3, 10] * 6)]
+    cfg = PackingConfig(seq_len=16, split_documents=False)
+    batches = list(PackedLoader(Listed(docs), cfg, 2, SPECIAL, shuffle=False))
+    targets = np.concatenate([b.labels.flatten().numpy() for b in batches])
+    expected = np.concatenate([np.append(d, EOS) for d in docs])
+    assert targets[targets != IGNORE_INDEX].tolist() == expected.tolist()
+
+
 def test_padding_counts_toward_the_mixture_stage_switch() -> None:
     """Rows of 16 holding one 12-token wrapped document and 4 tokens of padding: a stage at
     10 rows x 16 tokens switches at row 10 (the trainer's token count), not at row 14 (where

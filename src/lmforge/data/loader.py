@@ -240,6 +240,7 @@ class PackedLoader:
         owners: list[tuple[Draw, int]] = []
         row = self.packing.seq_len + 1
         whole = not self.packing.split_documents  # documents that fit a row are not cut
+        placed = 0  # tokens of this row so far (both reads start at a row start)
         while n > 0:
             if head is None:
                 drawn = self.stream.draw(stream)
@@ -248,13 +249,15 @@ class PackedLoader:
                 head, _, stream = drawn
                 offset = 0
             wrapped = wrap_document(self.stream.document(head), self.bos_id, self.eos_id)
-            if whole and offset == 0 and pieces and n < len(wrapped) <= row:
-                break  # it fits a row of its own: it starts the next one
+            if whole and offset == 0 and pieces and row - placed < len(wrapped) <= row:
+                break  # it fits a row of its own but not the rest of this one: it starts the next
+
             piece = wrapped[offset : offset + n]
             pieces.append(piece)
             mask = self.stream.target_mask(head)
             targets.append(None if mask is None else wrap_targets(mask)[offset : offset + n])
             owners.append((head, len(piece)))
+            placed += len(piece)
             n -= len(piece)
             offset += len(piece)
             ends.append(offset == len(wrapped))
