@@ -251,7 +251,6 @@ class PackedLoader:
             wrapped = wrap_document(self.stream.document(head), self.bos_id, self.eos_id)
             if whole and offset == 0 and pieces and row - placed < len(wrapped) <= row:
                 break  # it fits a row of its own but not the rest of this one: it starts the next
-
             piece = wrapped[offset : offset + n]
             pieces.append(piece)
             mask = self.stream.target_mask(head)
