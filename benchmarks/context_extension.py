@@ -1,7 +1,7 @@
 """Context extension at small scale, a "mini ChuXin": does an ABF stage make a T=256 model
 retrieve at T=1024?
 
-    python benchmarks/context_extension.py                 # ~30-40 min on 2 CPU cores
+    python benchmarks/context_extension.py                 # ~25 min on 2 free CPU cores
     python benchmarks/context_extension.py --no-control    # without the plain-length control
 
 One staged recipe (`--corpus` is real text, read by lmforge's own sources; long files are cut
