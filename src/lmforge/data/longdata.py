@@ -153,6 +153,9 @@ class PasskeyDocuments:
         self.preamble = encode(PASSKEY_PREAMBLE)
         self.question = encode(PASSKEY_QUESTION)
         self.answer_only = answer_only
+        self._last: tuple[int, np.ndarray] | None = None
+        """The last document built: the loader asks for one document several times in a row
+        (its draw, a row's peek and advance reads, the target mask)."""
 
     def _key(self, index: int) -> tuple[np.random.Generator, int, list[int]]:
         """Document `index`'s generator (after drawing the key), key and answer tokens."""
@@ -169,6 +172,11 @@ class PasskeyDocuments:
         return mask
 
     def document(self, index: int) -> np.ndarray:
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self._build(index))
+        return self._last[1]
+
+    def _build(self, index: int) -> np.ndarray:
         rng, key, answer = self._key(index)
         needle = self.encode(f" The pass key is {key}. Remember it. {key} is the pass key.")
         length = self.length
