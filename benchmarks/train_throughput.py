@@ -2,8 +2,10 @@
 
 Reference config (same as shared/perf-anchors): vocab 32000, 6 layers, d_model 512, 8 heads / 4 KV
 heads, SwiGLU d_ff 1408, untied head, T=512, micro-batch 4 (2048 tokens/step), AdamW (foreach).
-One step = forward, fp32 cross-entropy over the logits, backward, grad-norm clip, AdamW step,
-zero_grad. Variants:
+One step = forward, fp32 cross-entropy, backward, grad-norm clip, AdamW step, zero_grad. HF
+computes the cross-entropy over full fp32 logits; lmforge as its trainer does (the chunked head
+loss fused with its gradient, model/loss.py), or over full logits with `--lmforge-loss full`.
+Variants:
 
 - lmforge, document masking ON: packed rows of several documents, positions reset per document
   (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask at T <= 1024);
@@ -18,6 +20,7 @@ computes at any time.
     python benchmarks/train_throughput.py --dtype both                 # eager, ~4-5 min
     python benchmarks/train_throughput.py --dtype bf16 --compile       # + torch.compile variants
     python benchmarks/train_throughput.py --profile lmforge/doc/bf16   # op table of one step
+    python benchmarks/train_throughput.py --dtype fp32 --lmforge-loss fused,full  # loss A/B
 """
 
 from __future__ import annotations
@@ -60,10 +63,12 @@ class Variant:
     dtype: str  # fp32 | bf16
     compiled: bool
     attention: str = "auto"  # lmforge ModelConfig.attention (matters for doc masking only)
+    loss: str = "full"  # full: cross-entropy over full logits | fused: the trainer's model loss
 
     @property
     def name(self) -> str:
-        return f"{self.impl}/{self.masking}/{self.dtype}/{'compiled' if self.compiled else 'eager'}"
+        mode = "compiled" if self.compiled else "eager"
+        return f"{self.impl}/{self.masking}/{self.dtype}/{mode}/{self.loss}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +137,7 @@ def build_model(v: Variant) -> tuple[torch.nn.Module, dict]:
 
 
 def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
+    from lmforge.train.loop import auto_loss_chunk
     from lmforge.train.optim import OptimConfig, build_optimizer
 
     ocfg = OptimConfig()
@@ -141,15 +147,22 @@ def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
     ids, labels, positions = make_batch(v, doc_len)
     amp = v.dtype == "bf16"
 
-    def logits_of() -> torch.Tensor:
+    def loss_of() -> torch.Tensor:
         if v.impl == "hf":
-            return fwd(input_ids=ids, use_cache=False).logits
-        return fwd(ids, positions)
+            logits = fwd(input_ids=ids, use_cache=False).logits
+        elif v.loss == "full":
+            logits = fwd(ids, positions)
+        elif v.loss == "checkpointed":  # the trainer's loss before the fused one
+            hidden = fwd.hidden_states(ids, positions)
+            return checkpointed_loss(hidden, fwd.lm_head.weight, labels) / labels.numel()
+        else:  # what lmforge's trainer calls: the fused, chunked head loss (summed)
+            chunk = auto_loss_chunk(REF["vocab_size"])
+            return fwd(ids, positions, labels=labels, loss_chunk_tokens=chunk) / labels.numel()
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = logits_of()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss = loss_of()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip)
         opt.step()
@@ -157,6 +170,20 @@ def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
         return loss.item()
 
     return step
+
+
+def checkpointed_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor):
+    """Summed cross-entropy in chunks under activation checkpointing (logits recomputed)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lmforge.train.loop import auto_loss_chunk
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, head).float(), y, reduction="sum")
+
+    chunk = auto_loss_chunk(REF["vocab_size"])
+    pieces = zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk), strict=True)
+    return sum(checkpoint(piece, h, y, use_reentrant=False) for h, y in pieces)
 
 
 def attention_kernel(v: Variant) -> str:
@@ -331,6 +358,13 @@ def main() -> None:
         help="lmforge masking variants, comma-separated: doc, causal",
     )
     ap.add_argument(
+        "--lmforge-loss",
+        default="fused",
+        help="lmforge loss variants, comma-separated: fused (the trainer's chunked head loss), "
+        "full (cross-entropy over full fp32 logits, as HF), checkpointed (chunks whose logits "
+        "the backward recomputes: the trainer's loss before the fused one)",
+    )
+    ap.add_argument(
         "--attention",
         choices=["auto", "dense", "split"],
         default="auto",
@@ -365,6 +399,7 @@ def main() -> None:
     impls = ["lmforge", "hf"] if args.impl == "all" else [args.impl]
     modes = ([] if args.no_eager else [False]) + ([True] if args.compile else [])
     maskings = [m for m in args.masking.split(",") if m]
+    losses = [m for m in args.lmforge_loss.split(",") if m]
     cfg = model_config(args.attention)
     fpt = cfg.flops_per_token(SEQ_LEN)
     _, lengths = packed_positions(args.doc_len)
@@ -393,7 +428,8 @@ def main() -> None:
         for compiled in modes:
             for impl in impls:
                 for m in maskings if impl == "lmforge" else ["causal"]:
-                    group.append(Variant(impl, m, d, compiled, args.attention))
+                    for loss in losses if impl == "lmforge" else ["full"]:
+                        group.append(Variant(impl, m, d, compiled, args.attention, loss))
         print(
             f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
             "each, alternating",
@@ -418,6 +454,7 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
                 v.dtype if v.dtype == "fp32" else "bf16-autocast",
                 "compiled" if v.compiled else "eager",
                 ("doc, " if v.masking == "doc" else "causal, ") + attention_kernel(v),
+                v.loss,
                 f"{med:.3f}",
                 f"{min(c.times):.3f}",
                 f"{tps[v]:.0f}",
@@ -433,13 +470,14 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
         "precision",
         "mode",
         "masking / attention kernel",
+        "loss",
         "step s (med)",
         "step s (min)",
         "tok/s",
         "MFU",
         "peak RSS GiB",
         "base RSS GiB",
-        "loss",
+        "loss value",
         "other CPU",
     ]
     print(
@@ -471,15 +509,16 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
         if ref in tps:
             print(
                 f"ratio lmforge/HF tok/s  {v.dtype:4s} {'compiled' if v.compiled else 'eager':8s}"
-                f" lmforge {v.masking:6s}: {t / tps[ref]:.2f}"
+                f" lmforge {v.masking:6s} {v.loss:5s} loss: {t / tps[ref]:.2f}"
             )
 
 
 def profile(args: argparse.Namespace) -> None:
     """Top ops of one step of a variant (eager), after warm-up, in this process."""
     torch.set_num_threads(THREADS)
-    impl, masking, dtype = args.profile.split("/")[:3]
-    v = Variant(impl, masking, dtype, args.compile, args.attention)
+    impl, masking, dtype, *rest = args.profile.split("/")
+    loss = rest[0] if rest else ("fused" if impl == "lmforge" else "full")
+    v = Variant(impl, masking, dtype, args.compile, args.attention, loss)
     model, _ = build_model(v)
     step = make_step(v, model, args.doc_len)
     for _ in range(max(args.warmup, 1)):

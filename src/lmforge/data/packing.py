@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-"""Label value that the loss skips (torch.nn.functional.cross_entropy's default)."""
+from lmforge.model.loss import IGNORE_INDEX as IGNORE_INDEX  # where the loss skips a label
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,11 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.model.attention import Attention, DocumentMask, KVCache, plan_document_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.linear import Linear
+from lmforge.model.loss import linear_cross_entropy
 from lmforge.model.rope import rope_cos_sin
 
 
@@ -102,8 +102,8 @@ class Llama(nn.Module):
         loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); with labels (B, T), the summed fp32
-        cross-entropy instead (-100 ignored), computed `loss_chunk_tokens` tokens at a time so
-        full logits never exist (0: one piece).
+        cross-entropy instead (-100 ignored), fused with its gradient `loss_chunk_tokens` tokens
+        at a time so full logits never exist (0: one piece; model/loss.py).
 
         positions (B, T): per-token positions restarting at 0 at each document start; they set
         RoPE and the document mask. None means one document per row (plain causal). With a
@@ -114,7 +114,7 @@ class Llama(nn.Module):
         hidden = self.hidden_states(input_ids, positions, cache, attention_mask)
         if labels is None:
             return self.lm_head(hidden)
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, loss_chunk_tokens)
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, loss_chunk_tokens)
 
     def hidden_states(
         self,
@@ -142,25 +142,3 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(x)
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0
-) -> torch.Tensor:
-    """Summed fp32 cross-entropy of `hidden @ head.T` against labels (-100 ignored).
-
-    In chunks of `chunk_tokens`, each under activation checkpointing, so at most one chunk's
-    logits exist at a time in the forward and the backward (the backward recomputes them): a
-    102,400-token vocabulary at long T fits. One chunk is the plain computation.
-    """
-    h, y = hidden.flatten(0, 1), labels.flatten()
-    if chunk_tokens <= 0 or h.shape[0] <= chunk_tokens:
-        return _loss_sum(h, y, head)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for hc, yc in zip(h.split(chunk_tokens), y.split(chunk_tokens), strict=True):
-        total = total + checkpoint(_loss_sum, hc, yc, head, use_reentrant=False)
-    return total
-
-
-def _loss_sum(h: torch.Tensor, y: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, head).float(), y, ignore_index=-100, reduction="sum")

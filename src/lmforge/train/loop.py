@@ -83,9 +83,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the training step (per block under FSDP/DDP)."""
     loss_chunk_tokens: int | None = None
-    """Cross-entropy this many tokens at a time (logits recomputed in the backward) once a
-    micro-batch holds more, so full fp32 logits never exist at long T; None: as many as keep
-    one chunk's logits under 2^24 values (64 MB in fp32); 0: all at once."""
+    """Cross-entropy this many tokens at a time (each chunk's gradient computed with its
+    logits) once a micro-batch holds more, so full fp32 logits never exist at long T; None: as
+    many as keep one chunk's logits under 2^24 values (64 MB in fp32); 0: all at once."""
     device: str = "auto"
     """'auto' (cuda if present, else cpu), or a torch device string."""
     save_every_steps: int = 100
