@@ -14,6 +14,8 @@ Both decode greedily a fixed number of new tokens after a random prompt, with no
   greedy loop written here over lmforge's own pieces, as generate.py does it:
   `model.hidden_states(ids, cache=KVCache(...))`, `lm_head` on the last position, argmax. Its rows
   say "lmforge (loop)": they measure the model and its KV cache, not lmforge's generate API;
+- batch 1, `--compile`: also "lmforge compiled", `generate_stream` with `generate.compile`
+  (its decode step under torch.compile; the first, compiling generation is timed apart);
 - HF: `model.generate(do_sample=False, min_new_tokens=max_new_tokens=N, eos_token_id=None)`,
   all prompts of equal length (no padding), with a streamer that only notes when the first new
   token arrives (HF hands it every token anyway; the cost is one call per step).
@@ -34,6 +36,7 @@ The KV cache read per step is small at these lengths and is left out of the boun
 
     python benchmarks/decode_throughput.py                       # fp32 + bf16, batch 1 and 8
     python benchmarks/decode_throughput.py --dtype bf16 --threads 2 --out decode.json
+    python benchmarks/decode_throughput.py --dtype both --threads 2 --compile
     python benchmarks/decode_throughput.py --dtype fp32 --new-tokens 8 --prompt-tokens 16 \\
         --rounds 2 --batch-sizes 1,2                             # smoke test, seconds
 """
@@ -170,13 +173,14 @@ def kv_bytes_at(model: Any, length: int) -> int:
 # the three ways to decode
 
 
-def lmforge_generate(model: Any, prompts: torch.Tensor, n: int) -> Run:
-    """lmforge's generate path (batch 1): `generate_stream`, greedy, no stop ids."""
+def lmforge_generate(model: Any, prompts: torch.Tensor, n: int, compile: bool = False) -> Run:
+    """lmforge's generate path (batch 1): `generate_stream`, greedy, no stop ids; compile: its
+    torch.compile'd decode step (`generate.compile`)."""
     from lmforge.generate import GenerateConfig, generate_stream
 
     if prompts.shape[0] != 1:
         raise ValueError("lmforge generate decodes one prompt at a time")
-    cfg = GenerateConfig(max_new_tokens=n, temperature=0.0, top_k=None, top_p=None)
+    cfg = GenerateConfig(max_new_tokens=n, temperature=0.0, top_k=None, top_p=None, compile=compile)
     t0 = time.perf_counter()
     stream = generate_stream(model, prompts[0].tolist(), cfg)
     out = [next(stream)]
@@ -246,6 +250,9 @@ def hf_generate(hf: Any, prompts: torch.Tensor, n: int) -> Run:
     return Run(clock.first - t0, t2 - t0, tokens)
 
 
+COMPILED = "lmforge compiled"
+
+
 def lmforge_impl(batch: int) -> str:
     return "lmforge" if batch == 1 else "lmforge (loop)"
 
@@ -255,6 +262,8 @@ def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int) -> Run:
         return hf_generate(hf, prompts, n)
     if impl == "lmforge":
         return lmforge_generate(ours, prompts, n)
+    if impl == COMPILED:
+        return lmforge_generate(ours, prompts, n, compile=True)
     return lmforge_loop(ours, prompts, n)
 
 
@@ -349,16 +358,20 @@ def _bench_dtype(
     series = []
     for batch in args.batch_sizes:
         x = prompts[:batch]
-        impls = [lmforge_impl(batch), "hf"]
+        impls = [lmforge_impl(batch), "hf"] + ([COMPILED] if args.compile and batch == 1 else [])
         group = {impl: Series(impl, name, batch) for impl in impls}
         warm = {}
-        for _ in range(args.warmup):
+        for _ in range(max(args.warmup, 1 if COMPILED in impls else 0)):  # compiles on the 1st
             for impl in impls:
+                t0 = time.perf_counter()
                 warm[impl] = decode(impl, ours, hf, x, n)
-        if batch > 1 and warm:
-            p = compare_ids(ours, hf, x, warm[impls[0]].tokens, warm["hf"].tokens)
-            info[f"parity_batch{batch}"] = p
-            print(f"greedy ids, batch {batch}, {impls[0]} vs HF: {describe_parity(p, n)}")
+                if impl == COMPILED and "compile_s" not in info:
+                    info["compile_s"] = time.perf_counter() - t0
+                    print(f"{COMPILED}: first generation (compiling) {info['compile_s']:.1f} s")
+        for impl in impls[:1] if batch > 1 else impls[2:]:
+            p = compare_ids(ours, hf, x, warm[impl].tokens, warm["hf"].tokens)
+            info[f"parity_batch{batch}_{impl}"] = p
+            print(f"greedy ids, batch {batch}, {impl} vs HF: {describe_parity(p, n)}")
         foreign = []
         for r in range(args.rounds):
             k = r % len(impls)
@@ -428,8 +441,9 @@ def report(series: list[Series], bandwidth: float, infos: dict[str, dict[str, An
     print(
         "\nprefill = time to the first new token (median); decode tok/s = (N-1)/(total - prefill)"
         " per sequence x batch; bound = batch x measured bandwidth / weight bytes read per token;"
-        "\n'lmforge' = generate_stream (its generate API), 'lmforge (loop)' = this script's batched"
-        " greedy loop over lmforge's model + KVCache; ratio = decode tok/s lmforge / HF."
+        "\n'lmforge' = generate_stream (its generate API), 'lmforge compiled' = the same with"
+        " generate.compile, 'lmforge (loop)' = this script's batched greedy loop over lmforge's"
+        " model + KVCache; ratio = decode tok/s lmforge / HF."
     )
     for d, b in bound1.items():
         print(f"bandwidth-bound decode at batch 1, {d}: {b:.0f} tok/s")
@@ -447,6 +461,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation")
     ap.add_argument("--warmup", type=int, default=1, help="untimed generations each, per batch")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="also time generate.compile (batch 1)")
     ap.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copied tensor")
     ap.add_argument("--out", default=None, help="write the results here as JSON")
     args = ap.parse_args()

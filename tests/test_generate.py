@@ -67,6 +67,21 @@ def test_greedy_equals_transformers_generate(model: Llama) -> None:
     )
 
 
+def test_compiled_decode_step_generates_what_the_eager_one_does(model: Llama) -> None:
+    """One dynamic-shape compile serves prompts and caches of other lengths, greedy or sampled."""
+    fast = GenerateConfig(max_new_tokens=12, temperature=0.0, compile=True)
+    assert generate(model, PROMPT, fast) == generate(model, PROMPT, GREEDY)
+    longer = [*PROMPT, *PROMPT, 9]
+    assert generate(model, longer, fast) == greedy_by_recompute(model, longer, 12)
+    sampled = GenerateConfig(max_new_tokens=16, temperature=1.0, top_k=None, top_p=0.9, seed=3)
+    compiled = GenerateConfig(**{**sampled.__dict__, "compile": True})
+    assert generate(model, PROMPT, compiled) == generate(model, PROMPT, sampled)
+
+
+def test_zero_new_tokens_generates_nothing(model: Llama) -> None:
+    assert generate(model, PROMPT, GenerateConfig(max_new_tokens=0)) == []
+
+
 def test_top_k_one_equals_greedy(model: Llama) -> None:
     cfg = GenerateConfig(max_new_tokens=12, temperature=1.5, top_k=1, top_p=None)
     assert generate(model, PROMPT, cfg) == generate(model, PROMPT, GREEDY)

@@ -192,3 +192,26 @@ def test_chat_loop_drops_the_oldest_turns_to_fit(assistant: SlowAssistant) -> No
     history = chat_loop(assistant, cfg, None, read=lambda _: next(lines), write=lambda _: None)
     assert history[0].content.startswith("two") or history[0].content.startswith("three")
     assert len(assistant.chat_prompt(history)) <= assistant.context_len
+
+
+def test_serve_compile_reaches_every_requests_generate_config(assistant: SlowAssistant) -> None:
+    """`lmforge serve ... generate.compile=true` compiles the decode step of every request."""
+    from starlette.testclient import TestClient
+
+    seen: list[GenerateConfig] = []
+
+    class Recording(Assistant):
+        def stream(
+            self, prompt_ids: list[int], cfg: GenerateConfig, reply: Reply, stop: Sequence[str] = ()
+        ) -> Iterator[str]:
+            seen.append(cfg)
+            reply.completion_tokens = 1
+            yield "x"
+
+    recording = Recording(assistant.model, assistant.tokenizer, "tiny", context_len=96)
+    for compile in (True, False):
+        app = create_app(recording, ServeConfig(max_tokens=4, compile=compile))
+        with TestClient(app) as http:
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+            assert http.post("/v1/completions", json=body).status_code == 200
+        assert seen[-1].compile is compile

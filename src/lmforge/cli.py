@@ -131,6 +131,7 @@ def cmd_serve(recipe: Recipe, args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
+        compile=recipe.generate.compile,
     )
     serve(_assistant(recipe, args), args.host, args.port, cfg)
 

@@ -40,6 +40,9 @@ class ServeConfig:
     """Requests generating at once."""
     max_queue: int = 16
     """Requests waiting for a slot; beyond this, 503."""
+    compile: bool = False
+    """torch.compile the decode step (`generate.compile`): the first request waits for the
+    compile, every later token is faster."""
 
 
 class APIError(HTTPException):
@@ -205,6 +208,7 @@ def _respond(
         top_k=None,
         top_p=req.top_p,
         seed=req.seed if req.seed is not None else 0,
+        compile=cfg.compile,
     )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     reply = Reply(prompt_tokens=len(prompt))
