@@ -85,12 +85,23 @@ def test_all_ignored_gives_zero_loss_and_zero_gradients() -> None:
     assert not grad_h.any() and not grad_w.any()
 
 
-def test_without_gradients_only_the_loss_is_computed() -> None:
+def test_without_gradients_only_the_loss_is_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.model import loss as loss_module
+
     hidden, weight, labels = _inputs()
-    with torch.no_grad():
+    weight.requires_grad_()
+    chunked = loss_module._chunked
+    calls: list[bool] = []
+
+    def spy(*args, want_grad: bool):
+        calls.append(want_grad)
+        return chunked(*args, want_grad=want_grad)
+
+    monkeypatch.setattr(loss_module, "_chunked", spy)
+    with torch.no_grad():  # eval under no_grad: no gradient work although weight requires grad
         loss = linear_cross_entropy(hidden, weight, labels, 7)
     torch.testing.assert_close(loss, _plain(hidden, weight, labels), rtol=1e-5, atol=1e-5)
-    assert not loss.requires_grad
+    assert not loss.requires_grad and calls == [False]
 
 
 def test_compiled_loss_matches_eager() -> None:

@@ -39,7 +39,42 @@ def linear_cross_entropy(
     else:
         dtype = torch.promote_types(h.dtype, weight.dtype)
     chunk = chunk_tokens if chunk_tokens > 0 else max(h.shape[0], 1)
-    return _LinearCrossEntropy.apply(h, weight, y, chunk, dtype)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, y, chunk, dtype)
+    return _chunked(h, weight, y, chunk, dtype, want_grad=False)[0]  # eval: the loss only
+
+
+def _chunked(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int,
+    dtype: torch.dtype,
+    want_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The summed loss and, with want_grad, its gradients for hidden and weight."""
+    with torch.autocast(h.device.type, enabled=False):
+        w, x = weight.to(dtype), h.to(dtype)
+        grad_h = torch.empty_like(x) if want_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, x.shape[0], chunk):
+            xc, yc = x[start : start + chunk], labels[start : start + chunk]
+            keep = (yc != IGNORE_INDEX)[:, None]
+            target = torch.where(keep, yc[:, None], 0)
+            logp = torch.log_softmax((xc @ w.T).float(), dim=-1)
+            total -= logp.gather(1, target).mul_(keep).sum()
+            if grad_h is None or grad_w is None:
+                continue
+            p = logp.exp_()  # softmax, in place
+            p.scatter_(1, target, p.gather(1, target) - 1)  # - one_hot(label)
+            g, k = p.to(dtype), keep.to(dtype)
+            torch.mm(g, w, out=grad_h[start : start + chunk]).mul_(k)
+            if dtype == torch.float32:  # ignored rows: zero hidden, no weight gradient
+                grad_w.addmm_(g.T, xc * k)
+            else:
+                grad_w += (g.T @ (xc * k)).float()
+    return total, grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -52,31 +87,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(h.device.type, enabled=False):
-            w, x = weight.to(dtype), h.to(dtype)
-            grad_h = torch.empty_like(x) if want_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for start in range(0, x.shape[0], chunk):
-                xc, yc = x[start : start + chunk], labels[start : start + chunk]
-                keep = (yc != IGNORE_INDEX)[:, None]
-                target = torch.where(keep, yc[:, None], 0)
-                logp = torch.log_softmax((xc @ w.T).float(), dim=-1)
-                total -= logp.gather(1, target).mul_(keep).sum()
-                if not want_grad:
-                    continue
-                p = logp.exp_()  # softmax, in place
-                p.scatter_(1, target, p.gather(1, target) - 1)  # - one_hot(label)
-                g, k = p.to(dtype), keep.to(dtype)
-                torch.mm(g, w, out=grad_h[start : start + chunk]).mul_(k)  # type: ignore[index]
-                if dtype == torch.float32:  # ignored rows: zero hidden, no weight gradient
-                    grad_w.addmm_(g.T, xc * k)  # type: ignore[union-attr]
-                else:
-                    grad_w += (g.T @ (xc * k)).float()  # type: ignore[operator]
-        if want_grad:
-            ctx.save_for_backward(grad_h, grad_w)
-            ctx.dtypes = (h.dtype, weight.dtype)
+        total, grad_h, grad_w = _chunked(h, weight, labels, chunk, dtype, want_grad=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
         return total
 
     @staticmethod
