@@ -80,8 +80,9 @@ def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
 
 
 def head_bytes_per_token(cfg: ModelConfig) -> int:
-    """The final RMSNorm's saved tensors (6·d) and the bf16 hidden state the loss reads (2·d)."""
-    return 8 * cfg.d_model
+    """The final RMSNorm's saved tensors (6·d), the bf16 hidden state the loss reads (2·d) and
+    its gradient, which the fused loss computes in the forward (2·d)."""
+    return 10 * cfg.d_model
 
 
 def checkpointed_layers(cfg: ModelConfig, mode: Checkpointing, every: int) -> int:

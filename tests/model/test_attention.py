@@ -253,7 +253,7 @@ def test_split_attention_at_32k_runs_in_bounded_memory() -> None:
 
 @pytest.mark.parametrize("chunk", [0, 7, 16, 1000])
 def test_chunked_cross_entropy_equals_full_logits(tiny_cfg: ModelConfig, chunk: int) -> None:
-    """Loss and gradients of the chunked, recomputing loss equal plain full-logit CE."""
+    """Loss and gradients of the model's chunked, fused loss equal plain full-logit CE."""
     import torch.nn.functional as F
 
     from lmforge.data.packing import IGNORE_INDEX

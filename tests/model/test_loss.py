@@ -113,3 +113,14 @@ def test_compiled_loss_matches_eager() -> None:
     compiled = _loss_and_grads(lambda h, w, y: compiled_fn(h, w, y, 16), hidden, weight, labels)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_backward_is_refused_not_wrong() -> None:
+    hidden, weight, labels = _inputs()
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, labels, 7)
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    torch.testing.assert_close(h.grad, first)

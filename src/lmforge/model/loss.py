@@ -90,16 +90,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total, grad_h, grad_w = _chunked(h, weight, labels, chunk, dtype, want_grad=True)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
+        ctx.used = False
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        return (
-            (grad_h * grad_total).to(h_dtype),
-            (grad_w * grad_total).to(w_dtype),
-            None,
-            None,
-            None,
-        )
+        if ctx.used:
+            raise RuntimeError(
+                "linear_cross_entropy: a second backward through the same loss (retain_graph) is "
+                "not supported; its gradients were scaled in place by the first"
+            )
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors  # ours alone: scaled in place, no second copy at
+        h_dtype, w_dtype = ctx.dtypes  # the peak (the head gradient is vocab x d fp32)
+        grad_h, grad_w = grad_h.mul_(grad_total), grad_w.mul_(grad_total)
+        return grad_h.to(h_dtype), grad_w.to(w_dtype), None, None, None
