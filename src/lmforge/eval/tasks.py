@@ -1,63 +1,33 @@
-"""Benchmark data → multiple-choice requests in lm-evaluation-harness's exact prompt format.
+"""The benchmark registry and loader: lm-evaluation-harness's multiple-choice tasks, rebuilt.
 
-For each task we rebuild what lm_eval v0.4.x builds (its YAML is cited at each formatter):
-doc_to_text is the context, doc_to_choice the choices, doc_to_target the gold, " " the target
-delimiter; MMLU-style tasks add the subject description and the first k dev examples, each
-"question answer" followed by "\n\n". Scoring these requests by log-likelihood gives lm-eval's acc
-and acc_norm on the same documents.
-
-Data come from a local file or folder, whose record format is detected from its fields and mapped
-to the fields of the Hugging Face dataset lm-eval loads, or (no path) from that dataset itself.
+`TASKS` says where each lm-eval task's data live and how lm-eval draws its few-shot examples;
+`load_task` reads the documents (a local file or folder, or with no path the Hugging Face
+dataset lm-eval loads), draws the shots as lm-eval does and formats every request as lm-eval
+v0.4.x does. Scoring these requests by log-likelihood gives lm-eval's acc and acc_norm on the
+same documents. task_records.py maps local record layouts onto lm-eval's fields;
+task_prompts.py formats documents into prompts and choices.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import random
-import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
+
+from lmforge.eval.task_prompts import Request, build_request
+from lmforge.eval.task_records import (
+    Doc,
+    Kind,
+    TaskFormatError,
+    convert_records,
+    in_lm_eval_layout,
+    read_records,
+)
 
 log = logging.getLogger(__name__)
-
-Doc = dict[str, Any]
-Kind = Literal[
-    "arc", "boolq", "copa", "hellaswag", "openbookqa", "piqa", "sciq", "winogrande", "mmlu",
-    "cmmlu", "ceval",
-]  # fmt: skip
-
-TARGET_DELIMITER = " "
-"""lm-eval's default `target_delimiter`: between a context and each choice."""
-FEWSHOT_DELIMITER = "\n\n"
-"""lm-eval's default `fewshot_delimiter`: after each few-shot example's answer."""
-LETTERS = ("A", "B", "C", "D")
-
-
-class TaskFormatError(ValueError):
-    """A data file or record that does not map onto the fields lm-eval's task needs."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Request:
-    """One multiple-choice question as (context, continuation) pairs, one pair per choice."""
-
-    contexts: tuple[str, ...]
-    """Prompt per choice, few-shot prefix included: one string repeated, except for winogrande
-    whose choices differ in the context (lm-eval's "multiple input" tasks)."""
-    continuations: tuple[str, ...]
-    """Text scored per choice, target delimiter included (" Paris")."""
-    gold: int
-    """Index of the correct choice."""
-    choice_texts: tuple[str, ...]
-    """lm-eval's `doc_to_choice(doc)`; acc_norm divides each choice's log-likelihood by the
-    `len()` of these strings (characters, without the target delimiter): lm_eval/api/task.py
-    `ConfigurableTask.process_results`, `completion_len = np.array([float(len(i)) for i in
-    choices])` with `choices = self.doc_to_choice(doc)`. For winogrande they are the per-choice
-    partial sentences, not the shared continuation."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,353 +233,7 @@ TASKS = _with_subtasks(_TOP_LEVEL)
 every subject under lm-eval's subtask name (`mmlu_anatomy`, `cmmlu_agronomy`, `ceval-valid_law`)."""
 
 
-# ---------------------------------------------------------------- reading records from files
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Doc]]:
-    with path.open(encoding="utf-8") as f:
-        text = f.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        records = json.loads(text)
-        yield from ((f"{path}:[{i}]", r) for i, r in enumerate(records))
-        return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{path}:{i}: not a JSON record ({e.msg})") from e
-        yield f"{path}:{i}", record
-
-
-def _read_csv(path: Path) -> Iterator[tuple[str, Doc]]:
-    """CSV rows keyed by header; a file with no question header (the original Hendrycks MMLU
-    release: question, four choices, letter) is keyed by column number instead."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader]
-    if not rows:
-        return
-    header = rows[0][1]
-    if {"question", "Question"} & set(header):
-        rows = rows[1:]
-    else:
-        header = [str(i) for i in range(len(header))]
-    for line, row in rows:
-        if len(row) != len(header):
-            raise TaskFormatError(f"{path}:{line}: {len(row)} columns, header has {len(header)}")
-        yield f"{path}:{line}", dict(zip(header, row, strict=True))
-
-
-def _read_hellaswag_txt(path: Path) -> Iterator[tuple[str, Doc]]:
-    """klosax/hellaswag_text_data layout: context, gold label, four endings; 6 lines a task."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) % 6:
-        raise TaskFormatError(f"{path}: {len(lines)} lines, not 6 per task (context, label, 4)")
-    for start in range(0, len(lines), 6):
-        yield (
-            f"{path}:{start + 1}",
-            {
-                "text_context": lines[start],
-                "text_label": lines[start + 1],
-                "text_endings": lines[start + 2 : start + 6],
-            },
-        )
-
-
-def _read_records(path: Path) -> Iterator[tuple[str, Doc]]:
-    match path.suffix:
-        case ".jsonl" | ".json":
-            records = _read_jsonl(path)
-        case ".csv":
-            records = _read_csv(path)
-        case ".txt":
-            records = _read_hellaswag_txt(path)
-        case _:
-            raise TaskFormatError(f"{path}: unknown file type (expected .jsonl, .json, .csv, .txt)")
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise TaskFormatError(f"{where}: expected an object, got {type(record).__name__}")
-        yield where, record
-
-
-# ---------------------------------------------------------------- record formats → lm-eval docs
-
-
-def _pick(record: Doc, keys: Iterable[str]) -> Doc:
-    return {k: record[k] for k in keys}
-
-
-def _letter_index(letter: Any, where: str, key: str, letters: Iterable[str] = LETTERS) -> int:
-    letters = list(letters)
-    if letter not in letters:
-        raise TaskFormatError(f"{where}: {key}={letter!r} is not one of {letters}")
-    return letters.index(letter)
-
-
-def _int_field(record: Doc, key: str, where: str) -> int:
-    value = record[key]
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
-        raise TaskFormatError(f"{where}: {key}={value!r} is not a non-negative integer")
-    return int(value)
-
-
-def _from_icl(record: Doc, where: str, question_key: str, prefix: str) -> Doc:
-    """llm-foundry ICL record {"query", "choices", "gold"} → ai2_arc / openbookqa fields.
-
-    Its query is lm-eval's question with `prefix` in front and without "\nAnswer:", so the
-    question is recovered exactly; choice labels are lost and rebuilt as A, B, C, ...
-    """
-    query = record["query"]
-    if not query.startswith(prefix):
-        raise TaskFormatError(f"{where}: query does not start with {prefix!r}: {query[:60]!r}")
-    labels = [chr(ord("A") + i) for i in range(len(record["choices"]))]
-    gold = _int_field(record, "gold", where)
-    if gold >= len(labels):
-        raise TaskFormatError(f"{where}: gold={gold} with {len(labels)} choices")
-    return {
-        question_key: query[len(prefix) :],
-        "choices": {"text": list(record["choices"]), "label": labels},
-        "answerKey": labels[gold],
-    }
-
-
-def _boolq_from_google(record: Doc, where: str) -> Doc:
-    """HF `google/boolq` {"question", "passage", "answer": bool} → super_glue's `label` 0/1.
-
-    Parity gap: super_glue passages (what lm-eval reads) start with the Wikipedia title,
-    "Ethanol fuel -- All biomass goes ..."; google/boolq dropped the title, so these contexts
-    lack the "<title> -- " prefix and cannot equal lm-eval's.
-    """
-    if not isinstance(record["answer"], bool):
-        raise TaskFormatError(f"{where}: answer={record['answer']!r} is not true/false")
-    return {
-        "question": record["question"],
-        "passage": record["passage"],
-        "label": int(record["answer"]),
-    }
-
-
-def _hellaswag_clean(text: str) -> str:
-    """lm_eval/tasks/hellaswag/utils.py `preprocess`: WikiHow markup out, " [title]" → ". "."""
-    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
-    return text.replace("  ", " ")
-
-
-def _hellaswag_from_hf(record: Doc, where: str) -> Doc:
-    """Rowan/hellaswag fields → lm-eval's processed doc (hellaswag/utils.py `process_docs`)."""
-    context = f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}"
-    return {
-        "query": _hellaswag_clean(context),
-        "choices": [_hellaswag_clean(e) for e in record["endings"]],
-        "gold": _int_field(record, "label", where),
-        "label": str(record["label"]),
-    }
-
-
-_SENTENCE_END = re.compile(r"[.!?] ")
-
-
-def _hellaswag_from_text(record: Doc, where: str) -> Doc:
-    """klosax/hellaswag_text_data line → lm-eval's processed doc, as nearly as the text allows.
-
-    That file joined the raw `ctx` (= ctx_a + " " + ctx_b) where lm-eval joins ctx_a with
-    `ctx_b.capitalize()`. ActivityNet ctx_b is the lowercase start of the last, unfinished
-    sentence, so a last sentence that starts lowercase and has no end mark is capitalized: 2281
-    records of the shared file, every ActivityNet-style one except 4 whose last sentence starts
-    with a digit or a quote, which capitalize() leaves alone. Remaining gap: a WikiHow ending
-    that began with a marker ("[step] Take ...") keeps a leading space in lm-eval ("  Take ..."
-    after the delimiter) but not in this file, which stripped it; the text cannot tell which.
-    """
-    label = record["text_label"]
-    if label not in {"0", "1", "2", "3"}:
-        raise TaskFormatError(f"{where}: line 2 of the task is {label!r}, not a label 0-3")
-    head, sep, context = record["text_context"].partition(": ")
-    cut = max((m.end() for m in _SENTENCE_END.finditer(context)), default=0)
-    tail = context[cut:]
-    if tail[:1].islower() and tail[-1:] not in ".!?":
-        context = context[:cut] + tail.capitalize()
-    return {
-        "query": _hellaswag_clean(head + sep + context),
-        "choices": [_hellaswag_clean(e) for e in record["text_endings"]],
-        "gold": int(label),
-        "label": label,
-    }
-
-
-def _mmlu_from_csv(record: Doc, where: str) -> Doc:
-    """Shared-data CSV (question, choice0-3, 0-based answer) → cais/mmlu fields."""
-    choices = [record[f"choice{i}"] for i in range(4)]
-    answer = _int_field(record, "answer", where)
-    return {"question": record["question"], "choices": choices, "answer": answer}
-
-
-def _mmlu_from_hendrycks(record: Doc, where: str) -> Doc:
-    """Original headerless CSV (question, A, B, C, D, letter) → cais/mmlu fields."""
-    answer = _letter_index(record["5"], where, "column 6")
-    choices = [record[str(i)] for i in range(1, 5)]
-    return {"question": record["0"], "choices": choices, "answer": answer}
-
-
-_CMMLU_KEYS = ("Question", "A", "B", "C", "D", "Answer")
-_CEVAL_KEYS = ("question", "A", "B", "C", "D", "answer")
-_Converter = Callable[[Doc, str], Doc] | None
-
-
-def _keys(names: str) -> frozenset[str]:
-    return frozenset(names.split())
-
-
-_FORMATS: dict[Kind, list[tuple[frozenset[str], _Converter]]] = {
-    # Per kind: (required fields, converter or None to keep the record); the first entry is the
-    # layout of the dataset lm-eval loads.
-    "arc": [
-        (_keys("question choices answerKey"), None),
-        (_keys("query choices gold"), lambda r, w: _from_icl(r, w, "question", "Question: ")),
-    ],
-    "openbookqa": [
-        (_keys("question_stem choices answerKey"), None),
-        (_keys("query choices gold"), lambda r, w: _from_icl(r, w, "question_stem", "")),
-    ],
-    "boolq": [
-        (_keys("question passage label"), None),
-        (_keys("question passage answer"), _boolq_from_google),
-    ],
-    "copa": [(_keys("premise choice1 choice2 question label"), None)],
-    "hellaswag": [
-        (_keys("activity_label ctx_a ctx_b endings label"), _hellaswag_from_hf),
-        (_keys("query choices gold label"), None),
-        (_keys("text_context text_label text_endings"), _hellaswag_from_text),
-    ],
-    "piqa": [(_keys("goal sol1 sol2 label"), None)],
-    "sciq": [(_keys("question distractor1 distractor2 distractor3 correct_answer support"), None)],
-    "winogrande": [(_keys("sentence option1 option2 answer"), None)],
-    "mmlu": [
-        (_keys("question choices answer"), None),
-        (_keys("question choice0 choice1 choice2 choice3 answer"), _mmlu_from_csv),
-        (_keys("0 1 2 3 4 5"), _mmlu_from_hendrycks),
-    ],
-    "cmmlu": [(frozenset(_CMMLU_KEYS), lambda r, w: _pick(r, _CMMLU_KEYS))],
-    "ceval": [(frozenset(_CEVAL_KEYS), lambda r, w: _pick(r, _CEVAL_KEYS))],
-}
-
-
-def _format_of(kind: Kind, record: Doc) -> int | None:
-    """Index into _FORMATS[kind] of the record's layout (0 = lm-eval's own), None if unknown."""
-    for i, (keys, _) in enumerate(_FORMATS[kind]):
-        if keys <= record.keys():
-            return i
-    return None
-
-
-def _to_doc(kind: Kind, record: Doc, where: str) -> Doc:
-    index = _format_of(kind, record)
-    if index is None:
-        known = " or ".join(str(sorted(keys)) for keys, _ in _FORMATS[kind])
-        raise TaskFormatError(f"{where}: fields {sorted(record)} match no {kind} format ({known})")
-    convert = _FORMATS[kind][index][1]
-    return record if convert is None else convert(record, where)
-
-
-# ---------------------------------------------------------------- docs → prompt and choices
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Item:
-    """One doc as lm-eval's doc_to_text / doc_to_choice / doc_to_target see it."""
-
-    prompts: tuple[str, ...]
-    """doc_to_text per choice (the same for all, except winogrande)."""
-    answers: tuple[str, ...]
-    """Text after the target delimiter per choice."""
-    gold: int
-    choice_texts: tuple[str, ...]
-
-
-def _same_prompt(prompt: str, choices: list[str], gold: int) -> _Item:
-    texts = tuple(str(c) for c in choices)
-    return _Item(prompts=(prompt,) * len(texts), answers=texts, gold=gold, choice_texts=texts)
-
-
-def _lower_first(text: str) -> str:
-    return text[0].lower() + text[1:]
-
-
-def _format(kind: Kind, d: Doc, where: str) -> _Item:
-    """lm-eval's doc_to_text / doc_to_choice / doc_to_target for one doc."""
-    try:
-        item = _format_unchecked(kind, d)
-    except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise TaskFormatError(f"{where}: cannot build the {kind} prompt: {e!r}") from e
-    if not 0 <= item.gold < len(item.answers):
-        raise TaskFormatError(f"{where}: gold {item.gold} outside {len(item.answers)} choices")
-    return item
-
-
-def _format_unchecked(kind: Kind, d: Doc) -> _Item:
-    match kind:
-        case "arc":  # lm_eval/tasks/arc/arc_easy.yaml
-            gold = d["choices"]["label"].index(d["answerKey"])
-            return _same_prompt(f"Question: {d['question']}\nAnswer:", d["choices"]["text"], gold)
-        case "openbookqa":  # lm_eval/tasks/openbookqa/openbookqa.yaml
-            gold = d["choices"]["label"].index(d["answerKey"].lstrip())
-            return _same_prompt(d["question_stem"], d["choices"]["text"], gold)
-        case "boolq":  # lm_eval/tasks/super_glue/boolq/default.yaml
-            prompt = f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:"
-            return _same_prompt(prompt, ["no", "yes"], int(d["label"]))
-        case "copa":  # lm_eval/tasks/super_glue/copa/utils.py: drop the premise's period
-            connector = {"cause": "because", "effect": "therefore"}[d["question"]]
-            prompt = d["premise"].strip()[:-1] + f" {connector}"
-            choices = [" " + _lower_first(d["choice1"]), " " + _lower_first(d["choice2"])]
-            return _same_prompt(prompt, choices, int(d["label"]))
-        case "hellaswag":  # lm_eval/tasks/hellaswag/hellaswag.yaml (target is `label`)
-            return _same_prompt(d["query"], d["choices"], int(d["label"]))
-        case "piqa":  # lm_eval/tasks/piqa/piqa.yaml
-            prompt = f"Question: {d['goal']}\nAnswer:"
-            return _same_prompt(prompt, [d["sol1"], d["sol2"]], int(d["label"]))
-        case "sciq":  # lm_eval/tasks/sciq/sciq.yaml: the correct answer is always last
-            prompt = f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:"
-            choices = [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]]
-            return _same_prompt(prompt, choices, 3)
-        case "winogrande":  # lm_eval/tasks/winogrande/preprocess_winogrande.py
-            # Partial evaluation: each option fills the blank in its own context and the rest
-            # of the sentence is the one continuation scored.
-            blank = d["sentence"].index("_")
-            prompts = tuple(d["sentence"][:blank] + d[k] for k in ("option1", "option2"))
-            rest = d["sentence"][blank + 1 :].strip()
-            gold = {"1": 0, "2": 1}[d["answer"]]
-            return _Item(prompts=prompts, answers=(rest, rest), gold=gold, choice_texts=prompts)
-        case "mmlu":  # lm_eval/tasks/mmlu/default/_default_template_yaml
-            options = "".join(f"\n{x}. {c}" for x, c in zip(LETTERS, d["choices"], strict=True))
-            prompt = f"{d['question'].strip()}{options}\nAnswer:"
-            return _same_prompt(prompt, list(LETTERS), int(d["answer"]))
-        case "cmmlu":  # lm_eval/tasks/cmmlu/_default_template_yaml
-            options = "".join(f"\n{x}. {d[x]}" for x in LETTERS)
-            gold = LETTERS.index(d["Answer"])
-            return _same_prompt(f"{d['Question'].strip()}{options}\n答案：", list(LETTERS), gold)
-        case "ceval":  # lm_eval/tasks/ceval/_default_ceval_yaml
-            options = "".join(f"\n{x}. {d[x]}" for x in LETTERS)
-            gold = LETTERS.index(d["answer"])
-            return _same_prompt(f"{d['question'].strip()}{options}\n答案：", list(LETTERS), gold)
-
-
-def _shot_text(item: _Item) -> str:
-    """One solved example (lm_eval/api/task.py `build_qa_turn`): question, delimiter, gold."""
-    return item.prompts[item.gold] + TARGET_DELIMITER + item.answers[item.gold] + FEWSHOT_DELIMITER
-
-
-def _request(kind: Kind, doc: Doc, where: str, shots: list[Doc], description: str) -> Request:
-    item = _format(kind, doc, where)
-    prefix = description + "".join(_shot_text(_format(kind, s, f"{where} (shot)")) for s in shots)
-    return Request(
-        contexts=tuple(prefix + p for p in item.prompts),
-        continuations=tuple(TARGET_DELIMITER + a for a in item.answers),
-        gold=item.gold,
-        choice_texts=item.choice_texts,
-    )
+# ---------------------------------------------------------------- few-shot examples
 
 
 def _draw_shots(spec: TaskSpec, pool: list[Doc], k: int, doc: Doc, rng: random.Random) -> list[Doc]:
@@ -629,14 +253,6 @@ def _draw_shots(spec: TaskSpec, pool: list[Doc], k: int, doc: Doc, rng: random.R
 # ---------------------------------------------------------------- locating and loading data
 
 
-def _convert(kind: Kind, records: Iterable[tuple[str, Doc]]) -> tuple[list[Doc], list[str]]:
-    docs, sources = [], []
-    for where, record in records:
-        docs.append(_to_doc(kind, record, where))
-        sources.append(where)
-    return docs, sources
-
-
 def _pick_file(name: str, spec: TaskSpec, folder: Path) -> Path:
     """The first candidate file in lm-eval's own layout, else the first that exists."""
     found = [folder / f for f in spec.local_files if (folder / f).is_file()]
@@ -645,8 +261,8 @@ def _pick_file(name: str, spec: TaskSpec, folder: Path) -> Path:
             f"{folder}: no {name} data (looked for {', '.join(spec.local_files)})"
         )
     for path in found:
-        first = next(_read_records(path), None)
-        if first is not None and _format_of(spec.kind, first[1]) == 0:
+        first = next(read_records(path), None)
+        if first is not None and in_lm_eval_layout(spec.kind, first[1]):
             return path
     return found[0]
 
@@ -665,7 +281,7 @@ def _subject_files(folder: Path) -> dict[str, Path]:
 
 def _local_flat(name: str, spec: TaskSpec, path: Path, fewshot: bool) -> list[Subtask]:
     file = _pick_file(name, spec, path) if path.is_dir() else path
-    docs, sources = _convert(spec.kind, _read_records(file))
+    docs, sources = convert_records(spec.kind, read_records(file))
     pool = None
     if fewshot:
         candidates = [file.parent / f"{spec.fewshot_split}{s}" for s in (".jsonl", ".json")]
@@ -675,7 +291,7 @@ def _local_flat(name: str, spec: TaskSpec, path: Path, fewshot: bool) -> list[Su
                 f"{name}: few-shot examples come from lm-eval's '{spec.fewshot_split}' split; "
                 f"put it at {candidates[0]} or use num_fewshot=0"
             )
-        pool = _convert(spec.kind, _read_records(pool_file))[0]
+        pool = convert_records(spec.kind, read_records(pool_file))[0]
     return [Subtask(name=name, docs=docs, sources=sources, fewshot_docs=pool, description="")]
 
 
@@ -696,14 +312,14 @@ def _local_subjects(spec: TaskSpec, path: Path, fewshot: bool) -> list[Subtask]:
     dev = _subject_files(root / spec.fewshot_split) if fewshot else {}
     subtasks = []
     for subject in subjects:
-        docs, sources = _convert(spec.kind, _read_records(files[subject]))
+        docs, sources = convert_records(spec.kind, read_records(files[subject]))
         pool = None
         if fewshot:
             if subject not in dev:
                 raise TaskFormatError(
                     f"{root / spec.fewshot_split}: no few-shot file for {subject}"
                 )
-            pool = _convert(spec.kind, _read_records(dev[subject]))[0]
+            pool = convert_records(spec.kind, read_records(dev[subject]))[0]
         subtasks.append(
             Subtask(
                 name=_SUBTASK_PREFIX[spec.kind] + subject,
@@ -723,7 +339,7 @@ def _hf_docs(spec: TaskSpec, config: str | None, split: str) -> tuple[list[Doc],
         raise ImportError("loading from the Hub needs `datasets` (pip install lmforge[hf])") from e
     rows = datasets.load_dataset(spec.hf_path, config, split=split)
     origin = f"{spec.hf_path}[{config}]:{split}"
-    return _convert(spec.kind, ((f"{origin}:{i}", dict(r)) for i, r in enumerate(rows)))
+    return convert_records(spec.kind, ((f"{origin}:{i}", dict(r)) for i, r in enumerate(rows)))
 
 
 def _hf_subtasks(name: str, spec: TaskSpec, fewshot: bool) -> list[Subtask]:
@@ -799,5 +415,5 @@ def load_task(
         count = len(sub.docs) if limit is None else min(limit, len(sub.docs))
         for doc, where in zip(sub.docs[:count], sub.sources[:count], strict=True):
             shots = _draw_shots(spec, pool, k, doc, rng)
-            requests.append(_request(spec.kind, doc, where, shots, sub.description))
+            requests.append(build_request(spec.kind, doc, where, shots, sub.description))
     return TaskData(name=name, requests=requests, num_fewshot=k)
