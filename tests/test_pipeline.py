@@ -58,13 +58,13 @@ def test_held_out_packing_is_the_evaluators_choice(
     base = [*TINY_OVERRIDES, f"run_dir={tiny_run}", "packing.document_masking=false"]
     pipeline.pretrain_stage(load_recipe(None, [*base, "train.max_tokens=2048"]))
     seen: list[bool] = []
-    loader = pipeline.PackedLoader
+    loader = pipeline.training.PackedLoader  # the held-out perplexity's loader
 
     def spy(val: object, packing: object, *args: object, **kwargs: object) -> object:
         seen.append(packing.document_masking)  # type: ignore[attr-defined]
         return loader(val, packing, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pipeline, "PackedLoader", spy)
+    monkeypatch.setattr(pipeline.training, "PackedLoader", spy)
     losses = {}
     for setting in (None, False, True):
         extra = [] if setting is None else [f"eval.document_masking={str(setting).lower()}"]

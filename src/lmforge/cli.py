@@ -1,4 +1,4 @@
-"""The `lmforge` command: one verb per pipeline stage, each a thin call into pipeline.py.
+"""The `lmforge` command: one verb per pipeline stage, each a thin call into lmforge.pipeline.
 
     lmforge <verb> [RECIPE.yaml] [section.key=value ...] [options]
 
