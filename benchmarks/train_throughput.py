@@ -68,7 +68,8 @@ class Variant:
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
-        return f"{self.impl}/{self.masking}/{self.dtype}/{mode}/{self.loss}"
+        masking = f"doc-{self.attention}" if self.masking == "doc" else self.masking
+        return f"{self.impl}/{masking}/{self.dtype}/{mode}/{self.loss}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,9 +367,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--attention",
-        choices=["auto", "dense", "split"],
         default="auto",
-        help="lmforge ModelConfig.attention for the doc-masked variant",
+        help="lmforge ModelConfig.attention for the doc-masked variants, comma-separated: auto,"
+        " dense, split",
     )
     ap.add_argument("--doc-len", type=float, default=128.0, help="mean packed document length")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the MFU peak")
@@ -400,7 +401,10 @@ def main() -> None:
     modes = ([] if args.no_eager else [False]) + ([True] if args.compile else [])
     maskings = [m for m in args.masking.split(",") if m]
     losses = [m for m in args.lmforge_loss.split(",") if m]
-    cfg = model_config(args.attention)
+    attentions = [a for a in args.attention.split(",") if a]
+    if set(attentions) - {"auto", "dense", "split"}:
+        ap.error(f"--attention takes auto, dense, split; got {args.attention}")
+    cfg = model_config(attentions[0])
     fpt = cfg.flops_per_token(SEQ_LEN)
     _, lengths = packed_positions(args.doc_len)
     print(
@@ -429,7 +433,8 @@ def main() -> None:
             for impl in impls:
                 for m in maskings if impl == "lmforge" else ["causal"]:
                     for loss in losses if impl == "lmforge" else ["full"]:
-                        group.append(Variant(impl, m, d, compiled, args.attention, loss))
+                        for att in attentions if m == "doc" else ["auto"]:
+                            group.append(Variant(impl, m, d, compiled, att, loss))
         print(
             f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
             "each, alternating",
@@ -505,11 +510,12 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
     for v, t in tps.items():
         if v.impl != "lmforge":
             continue
-        ref = Variant("hf", "causal", v.dtype, v.compiled, v.attention)
+        ref = Variant("hf", "causal", v.dtype, v.compiled)
         if ref in tps:
             print(
                 f"ratio lmforge/HF tok/s  {v.dtype:4s} {'compiled' if v.compiled else 'eager':8s}"
-                f" lmforge {v.masking:6s} {v.loss:5s} loss: {t / tps[ref]:.2f}"
+                f" lmforge {v.masking:6s} {v.loss:5s} loss, attention {v.attention}:"
+                f" {t / tps[ref]:.2f}"
             )
 
 

@@ -201,6 +201,9 @@ def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelCo
     pos = (torch.arange(2048) % 512)[None]
     auto = plan_document_mask(pos, "auto")
     assert auto.flex is None and len(auto.runs) == 1
+    short = (torch.arange(512) % 100)[None]  # on CPU split wins from T = 512, dense up to 256
+    assert len(plan_document_mask(short, "auto").runs) == 2  # 5 x 100 tokens, then 12
+    assert plan_document_mask(short[:, :256], "auto").dense is not None
     assert not plan_document_mask(pos, "flex").causal
     model = Llama(replace(tiny_cfg, attention="flex"))
     with pytest.raises(ValueError, match="flex has no backward on CPU"):

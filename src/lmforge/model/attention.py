@@ -3,7 +3,7 @@
 A packed row holds several documents; positions restart at 0 where each document starts, and
 that one tensor drives both RoPE and the mask: a token attends causally within its own document
 and never across. Three kernels, chosen by `ModelConfig.attention` ("auto": dense up to
-DENSE_MAX_SEQ_LEN, above it flex on CUDA and split elsewhere):
+DENSE_MAX_SEQ_LEN, 256 on CPU; above it flex on CUDA and split elsewhere):
 
 - "dense": one SDPA call with a (B, 1, T, T) boolean mask. Simple and fast at small T, but the
   mask and the work grow with T².
@@ -42,6 +42,9 @@ from lmforge.model.rope import apply_rope
 
 DENSE_MAX_SEQ_LEN = 1024
 """`attention="auto"` uses the dense mask up to this T, the flex or split kernel above it."""
+DENSE_MAX_SEQ_LEN_CPU = 256
+"""The same on CPU, where split's forward + backward measured 0.27-0.90x dense's time at T = 512
+and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md)."""
 
 FLEX_BLOCK_SIZE = 128
 """Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
@@ -178,7 +181,8 @@ class DocumentMask:
 def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
     """Pick the kernel for this T (see module docstring) and precompute what it needs."""
     B, T = positions.shape
-    if impl == "dense" or (impl == "auto" and T <= DENSE_MAX_SEQ_LEN):
+    dense_max = DENSE_MAX_SEQ_LEN_CPU if positions.device.type == "cpu" else DENSE_MAX_SEQ_LEN
+    if impl == "dense" or (impl == "auto" and T <= dense_max):
         return DocumentMask(dense=document_mask(positions))
     if impl == "flex" or (impl == "auto" and positions.device.type == "cuda"):
         return DocumentMask(flex=document_block_mask(positions))
