@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -204,6 +205,8 @@ def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelCo
     short = (torch.arange(512) % 100)[None]  # on CPU split wins from T = 512, dense up to 256
     assert len(plan_document_mask(short, "auto").runs) == 2  # 5 x 100 tokens, then 12
     assert plan_document_mask(short[:, :256], "auto").dense is not None
+    with patch("torch.compiler.is_compiling", return_value=True):  # compiled: no per-layout
+        assert plan_document_mask(short, "auto").dense is not None  # recompiles from split
     assert not plan_document_mask(pos, "flex").causal
     model = Llama(replace(tiny_cfg, attention="flex"))
     with pytest.raises(ValueError, match="flex has no backward on CPU"):

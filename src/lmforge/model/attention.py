@@ -44,7 +44,9 @@ DENSE_MAX_SEQ_LEN = 1024
 """`attention="auto"` uses the dense mask up to this T, the flex or split kernel above it."""
 DENSE_MAX_SEQ_LEN_CPU = 256
 """The same on CPU, where split's forward + backward measured 0.27-0.90x dense's time at T = 512
-and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md)."""
+and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md).
+Not under torch.compile: split's run plan (Python ints per document run) is guarded by the
+compiled graph, so every new document layout recompiled it (~1 min per batch on CPU)."""
 
 FLEX_BLOCK_SIZE = 128
 """Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
@@ -181,7 +183,8 @@ class DocumentMask:
 def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
     """Pick the kernel for this T (see module docstring) and precompute what it needs."""
     B, T = positions.shape
-    dense_max = DENSE_MAX_SEQ_LEN_CPU if positions.device.type == "cpu" else DENSE_MAX_SEQ_LEN
+    on_cpu = positions.device.type == "cpu" and not torch.compiler.is_compiling()
+    dense_max = DENSE_MAX_SEQ_LEN_CPU if on_cpu else DENSE_MAX_SEQ_LEN
     if impl == "dense" or (impl == "auto" and T <= dense_max):
         return DocumentMask(dense=document_mask(positions))
     if impl == "flex" or (impl == "auto" and positions.device.type == "cuda"):
