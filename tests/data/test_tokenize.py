@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data import tokenize
+from lmforge.data import tokenize_workers
 from lmforge.data.clean import CleanConfig
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.shards import list_shards, open_shard
@@ -251,7 +251,7 @@ def test_interrupted_run_continues_after_its_finished_shards(
     straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
 
     processed: list[int] = []
-    real_process = tokenize._process
+    real_process = tokenize_workers.process_batch
 
     def counting(batch: list[str]) -> list:
         processed.append(len(batch))
@@ -259,7 +259,7 @@ def test_interrupted_run_continues_after_its_finished_shards(
             raise _Interrupt  # e.g. a kill, in the middle of the chinese source
         return real_process(batch)
 
-    monkeypatch.setattr(tokenize, "_process", counting)
+    monkeypatch.setattr(tokenize_workers, "process_batch", counting)
     with pytest.raises(_Interrupt):
         tokenize_corpus(cfg, tokenizer, tmp_path / "out")
     partial = tmp_path / "out.partial"
@@ -268,7 +268,9 @@ def test_interrupted_run_continues_after_its_finished_shards(
     assert not (tmp_path / "out").exists()
 
     processed.clear()
-    monkeypatch.setattr(tokenize, "_process", lambda b: processed.append(len(b)) or real_process(b))
+    monkeypatch.setattr(
+        tokenize_workers, "process_batch", lambda b: processed.append(len(b)) or real_process(b)
+    )
     resumed = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
     assert resumed == straight
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "straight")
@@ -282,7 +284,7 @@ def test_damaged_or_stale_restart_point_starts_over(
 ) -> None:
     cfg = DataConfig(sources=_sources(tmp_path), shard_tokens=150, batch_docs=3, workers=1)
     straight = tokenize_corpus(cfg, tokenizer, tmp_path / "straight")
-    real_process = tokenize._process
+    real_process = tokenize_workers.process_batch
 
     def interrupt_late(batch: list[str]) -> list:
         if any("def f5" in t for t in batch):
@@ -290,11 +292,11 @@ def test_damaged_or_stale_restart_point_starts_over(
         return real_process(batch)
 
     for damage in ("shard", "config"):
-        monkeypatch.setattr(tokenize, "_process", interrupt_late)
+        monkeypatch.setattr(tokenize_workers, "process_batch", interrupt_late)
         with pytest.raises(_Interrupt):
             tokenize_corpus(cfg, tokenizer, tmp_path / damage)
         partial = tmp_path / f"{damage}.partial"
-        monkeypatch.setattr(tokenize, "_process", real_process)
+        monkeypatch.setattr(tokenize_workers, "process_batch", real_process)
         if damage == "shard":
             victim = sorted(partial.glob("train_english_*.bin"))[0]
             victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")

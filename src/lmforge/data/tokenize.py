@@ -2,9 +2,9 @@
 
 Per source: read (sources.py) → clean and filter (clean.py) → drop duplicates (dedup.py) →
 tokenize → split by a hash of the text → `{split}_{source}_{n}.bin` shards. Cleaning, MinHash
-signatures and tokenization run in worker processes on batches of documents; reading, the
-dedup decision and writing stay in this process, in order, so the output does not depend on the
-number of workers. At most `2 × workers` batches are in flight, so memory stays bounded.
+signatures and tokenization run in worker processes on batches of documents
+(tokenize_workers.py); reading, the dedup decision and writing stay in this process, in order,
+so the output does not depend on the number of workers.
 
 The output appears all at once: work happens in `<out>.partial/`, renamed to `<out>` at the end.
 Each time a source's train shard fills, the partial folder records a restart point (shards with
@@ -22,23 +22,21 @@ import os
 import pickle
 import shutil
 import sys
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from lmforge.data.clean import DROP_REASONS, CleanConfig, clean
-from lmforge.data.dedup import DedupConfig, Deduplicator, Signature, signature
+from lmforge.data.clean import DROP_REASONS, CleanConfig
+from lmforge.data.dedup import DedupConfig, Deduplicator
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.shards import ShardError, open_shard, write_shard
 from lmforge.data.sources import DataError, SourceConfig, read_documents, resolve_files
+from lmforge.data.tokenize_workers import ProcessedDoc, Workers, input_batches
+from lmforge.data.tokenize_workers import split_of as split_of  # the pipeline's held-out text
 from lmforge.data.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -123,23 +121,6 @@ def read_manifest(shards_dir: Path) -> dict[str, Any]:
             f"{manifest.get('format_version')}, need {FORMAT_VERSION}); re-run 'lmforge tokenize'"
         )
     return manifest
-
-
-def split_of(text: str, heldout_fraction: float) -> str:
-    """ "val" or "train", decided by a hash of the text (identical texts share a split)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "little") / 2**64 < heldout_fraction else "train"
-
-
-@dataclass
-class _Doc:
-    """A document after the workers: kept (ids set) or dropped (reason set)."""
-
-    num_bytes: int
-    split: str
-    reason: str | None
-    sig: Signature | None
-    ids: np.ndarray | None
 
 
 @dataclass
@@ -285,7 +266,16 @@ class _Run:
         if not self.resumed:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
-        with _Workers(self.cfg, self.tokenizer) as workers, self._progress_bar() as bar:
+        with (
+            Workers(
+                self.cfg.clean,
+                self.cfg.dedup,
+                self.cfg.heldout_fraction,
+                self.cfg.workers,
+                self.tokenizer,
+            ) as workers,
+            self._progress_bar() as bar,
+        ):
             for index, batch, docs in workers.map(self._batches()):
                 if index != self.source_index:  # every earlier source is complete
                     self._finish_sources_before(index)
@@ -315,7 +305,7 @@ class _Run:
             if done:
                 log.info("source %s: skipping %d items done before the restart", source.name, done)
             items = itertools.islice(self._items(source), done, None)
-            for batch in _batches(items, self.cfg.batch_docs, _BATCH_BYTES):
+            for batch in input_batches(items, self.cfg.batch_docs, _BATCH_BYTES):
                 yield index, batch
 
     def _finish_sources_before(self, index: int) -> None:
@@ -326,7 +316,7 @@ class _Run:
         self._save_restart_point()
 
     def _consume(
-        self, source: str, batch: list[str | DataError], docs: list[_Doc], bar: tqdm
+        self, source: str, batch: list[str | DataError], docs: list[ProcessedDoc], bar: tqdm
     ) -> None:
         """Dedup and write one processed batch; a restart point each time a shard fills."""
         checkpoint = False
@@ -469,125 +459,6 @@ class _Run:
             "shards": splits["train"]["shards"] + splits["val"]["shards"],
             "drop_reasons": [*DROP_REASONS, "exact_duplicate", "near_duplicate", "bad_input"],
         }
-
-
-class _Workers:
-    """Clean + signature + tokenize batches, in order, in-process or in a bounded process pool."""
-
-    def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.num = cfg.workers or os.cpu_count() or 1
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _Workers:
-        if self.num > 1:
-            self.pool = ProcessPoolExecutor(
-                self.num,
-                mp_context=get_context("spawn"),  # fork would copy tokenizers' thread pool
-                initializer=_init_worker,
-                initargs=(
-                    self.cfg.clean,
-                    self.cfg.dedup,
-                    self.cfg.heldout_fraction,
-                    self.tokenizer.backend.to_str(),
-                ),
-            )
-        else:
-            _init_worker(
-                self.cfg.clean, self.cfg.dedup, self.cfg.heldout_fraction, None, self.tokenizer
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def map(
-        self, batches: Iterable[tuple[int, list[str | DataError]]]
-    ) -> Iterator[tuple[int, list[str | DataError], list[_Doc]]]:
-        """Each (tag, batch) with its processed documents, in input order; bad inputs pass
-        through. At most 2 × workers batches are in flight, which bounds memory."""
-        if self.pool is None:
-            for tag, batch in batches:
-                yield tag, batch, _merge(batch, _process(_texts(batch)))
-            return
-        in_flight: deque[tuple[int, list[str | DataError], Future[list[_Doc]]]] = deque()
-        for tag, batch in batches:
-            in_flight.append((tag, batch, self.pool.submit(_process, _texts(batch))))
-            if len(in_flight) >= 2 * self.num:
-                done_tag, done, fut = in_flight.popleft()
-                yield done_tag, done, _merge(done, fut.result())
-        while in_flight:
-            done_tag, done, fut = in_flight.popleft()
-            yield done_tag, done, _merge(done, fut.result())
-
-
-def _texts(batch: list[str | DataError]) -> list[str]:
-    return [item for item in batch if isinstance(item, str)]
-
-
-def _merge(batch: list[str | DataError], docs: list[_Doc]) -> list[_Doc]:
-    """Put a placeholder for each bad input back among the processed documents."""
-    it = iter(docs)
-    return [
-        next(it) if isinstance(item, str) else _Doc(0, "train", "bad_input", None, None)
-        for item in batch
-    ]
-
-
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(
-    clean_cfg: CleanConfig,
-    dedup_cfg: DedupConfig,
-    heldout_fraction: float,
-    tokenizer_json: str | None,
-    tokenizer: TextTokenizer | None = None,
-) -> None:
-    if tokenizer is None:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-        assert tokenizer_json is not None
-        tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), tokenizer_json)
-    _worker.update(clean=clean_cfg, dedup=dedup_cfg, heldout=heldout_fraction, tok=tokenizer)
-
-
-def _process(batch: list[str]) -> list[_Doc]:
-    """Clean, sign and tokenize one batch (the per-document work that parallelizes)."""
-    clean_cfg, dedup_cfg, tokenizer = _worker["clean"], _worker["dedup"], _worker["tok"]
-    docs, kept = [], []
-    for raw in batch:
-        text, reason = clean(raw, clean_cfg)
-        num_bytes = len(text.encode("utf-8"))
-        sig = signature(text, dedup_cfg) if reason is None and _dedups(dedup_cfg) else None
-        docs.append(_Doc(num_bytes, split_of(text, _worker["heldout"]), reason, sig, None))
-        if reason is None:
-            kept.append((len(docs) - 1, text))
-    encoded = tokenizer.encode_batch([t for _, t in kept]) if kept else []
-    for (i, _), ids in zip(kept, encoded, strict=True):
-        docs[i].ids = np.asarray(ids, dtype=np.uint32)
-    return docs
-
-
-def _dedups(cfg: DedupConfig) -> bool:
-    return cfg.exact or cfg.near
-
-
-def _batches(
-    items: Iterable[str | DataError], max_docs: int, max_bytes: int
-) -> Iterator[list[str | DataError]]:
-    """Batches of at most max_docs items and (past their first document) max_bytes of text."""
-    batch: list[str | DataError] = []
-    size = 0
-    for item in items:
-        n = len(item) if isinstance(item, str) else 0  # characters: cheap, close enough
-        if batch and (len(batch) == max_docs or size + n > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += n
-    if batch:
-        yield batch
 
 
 def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
