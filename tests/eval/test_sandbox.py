@@ -297,6 +297,6 @@ def test_a_sandbox_that_cannot_start_raises(
 ) -> None:
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit('no sandbox today')\n")
-    monkeypatch.setattr(sandbox, "_SCRIPT", str(broken))
+    monkeypatch.setattr(sandbox, "_CHILD", str(broken))
     with pytest.raises(RuntimeError, match="no sandbox today"):
         run("print('never runs')")

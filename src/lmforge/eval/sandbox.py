@@ -30,18 +30,16 @@ What holds on Linux, and how (`SandboxResult.isolation` names what took effect o
   _io.FileIO) writes wherever its user may; the program runs as the caller's user, so under
   root that is almost anywhere.
 
-The child is this file run as `python -I -B sandbox.py CONFIG REPORT_FD` (isolated mode, a
-minimal environment, stdin from /dev/null); the functions below the "child side" banner are that
-program. It reports on a pipe the program never holds, so the program cannot forge a result.
+The child is sandbox_child.py run as `python -I -B sandbox_child.py CONFIG REPORT_FD` (isolated
+mode, a minimal environment, stdin from /dev/null). It reports on a pipe the program never
+holds, so the program cannot forge a result.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import resource
 import select
 import shutil
 import signal
@@ -49,13 +47,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, NoReturn
+from typing import IO, Any, Literal
+
+from lmforge.eval.sandbox_child import PROGRAM
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +64,7 @@ _USE_CGROUPS = True
 """Try a pids cgroup as the process cap (tests switch this off to exercise the fallbacks)."""
 _CGROUP_V1_PIDS = Path("/sys/fs/cgroup/pids")
 _CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
-_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-_PROGRAM = "program.py"
-_SCRIPT = os.path.abspath(__file__)
+_CHILD = str(Path(__file__).with_name("sandbox_child.py"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +120,7 @@ def run_sandboxed(program: str, limits: SandboxLimits) -> SandboxResult:
     try:
         if _USE_CGROUPS:
             cgroup = _make_pids_cgroup(limits.max_processes + 2)  # + our init and its parent
-        (workdir / _PROGRAM).write_text(program, encoding="utf-8")
+        (workdir / PROGRAM).write_text(program, encoding="utf-8")
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             returncode, ended, report = _launch(workdir, cgroup, limits, out, err)
             stdout = _head(out, limits.max_output_bytes)
@@ -158,7 +153,7 @@ def _launch(
     try:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", _SCRIPT, json.dumps(config), str(write_fd)],
+                [sys.executable, "-I", "-B", _CHILD, json.dumps(config), str(write_fd)],
                 cwd=workdir,
                 env=_child_env(workdir),
                 stdin=subprocess.DEVNULL,
@@ -317,275 +312,3 @@ def _remove_cgroup(path: Path) -> None:
                 pass
         time.sleep(0.01)
     log.warning("%s: could not remove the sandbox's cgroup; tasks may be left in it", path)
-
-
-# --- child side: `python -I -B sandbox.py CONFIG REPORT_FD` runs what follows ------------------
-
-
-def _child_main(config: dict[str, Any], report_fd: int) -> NoReturn:
-    """Set up containment, then run the program: directly, or under our init in new namespaces."""
-    limits = config["limits"]
-    isolation: list[str] = []
-    nproc = None
-    if config["cgroup"] and _join_cgroup(config["cgroup"]):
-        isolation.append("pids-cgroup")
-    elif os.geteuid() != 0:
-        nproc = _user_tasks(os.getuid()) + limits["max_processes"]
-        isolation.append("nproc-rlimit")
-    else:
-        isolation.append("fork-guard")  # Linux ignores RLIMIT_NPROC for root
-    namespaced = config["ns"] and _enter_namespaces(isolation)
-    isolation += ["write-guard"] if namespaced else ["write-guard", "socket-guard"]
-    _report(report_fd, isolation=isolation)
-    if not namespaced:
-        if "pids-cgroup" in isolation:  # no init of ours in the cgroup: give the program its two
-            _write(os.path.join(config["cgroup"], "pids.max"), str(limits["max_processes"]))
-        _run_program(limits, nproc, isolation, report_fd)
-    init = os.fork()  # pid 1 of the new PID namespace
-    if init == 0:
-        program = os.fork()
-        if program == 0:
-            _run_program(limits, nproc, isolation, report_fd)
-        _report(report_fd, wait_status=_reap_until(program))
-        os._exit(0)  # the kernel now kills every process left in the namespace
-    os.close(report_fd)
-    os.waitpid(init, 0)
-    os._exit(0)  # skip interpreter teardown: ~25 ms per run
-
-
-def _report(fd: int, **fields: Any) -> None:
-    os.write(fd, (json.dumps(fields) + "\n").encode())
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _join_cgroup(path: str) -> bool:
-    try:
-        _write(os.path.join(path, "cgroup.procs"), str(os.getpid()))
-        return True
-    except OSError:
-        return False
-
-
-def _user_tasks(uid: int) -> int:
-    """Tasks (threads) of uid's processes: the number RLIMIT_NPROC compares against."""
-    total = 0
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f)
-            if int(fields["Uid"].split()[0]) == uid:
-                total += int(fields["Threads"])
-        except (OSError, KeyError, ValueError):
-            continue
-    return total
-
-
-def _unshare(flags: int) -> bool:
-    import ctypes
-
-    return bool(ctypes.CDLL(None, use_errno=True).unshare(flags) == 0)
-
-
-def _enter_namespaces(isolation: list[str]) -> bool:
-    """New user + PID + network namespaces (for root, PID + network if user ones are refused).
-
-    A process cannot map root into its own new user namespace (Linux >= 5.12 wants CAP_SETFCAP
-    in the parent namespace), so a helper forked beforehand, still outside, writes the maps.
-    """
-    uid, gid = os.getuid(), os.getgid()
-    go_r, go_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:
-        os.close(go_w)
-        target, code = os.getppid(), 0
-        if os.read(go_r, 1) == b"1":
-            try:
-                _write(f"/proc/{target}/setgroups", "deny")
-                _write(f"/proc/{target}/uid_map", f"{uid} {uid} 1")
-                _write(f"/proc/{target}/gid_map", f"{gid} {gid} 1")
-            except OSError as e:
-                print(f"sandbox: mapping ids into the user namespace failed: {e}", file=sys.stderr)
-                code = 1
-        os._exit(code)
-    os.close(go_r)
-    entered = _unshare(_CLONE_NEWUSER | _CLONE_NEWPID | _CLONE_NEWNET)
-    os.write(go_w, b"1" if entered else b"0")
-    os.close(go_w)
-    if os.waitpid(helper, 0)[1] != 0:
-        raise RuntimeError("sandbox: could not map ids into the new user namespace")
-    if entered:
-        isolation += ["user-namespace", "pid-namespace", "net-namespace"]
-        return True
-    if os.geteuid() == 0 and _unshare(_CLONE_NEWPID | _CLONE_NEWNET):
-        isolation += ["pid-namespace", "net-namespace"]  # root keeps its capabilities here
-        return True
-    return False
-
-
-def _reap_until(pid: int) -> int:
-    """As init, reap every orphan until pid ends; its wait status."""
-    while True:
-        done, status = os.waitpid(-1, 0)
-        if done == pid:
-            return status
-
-
-def _run_program(
-    limits: dict[str, int], nproc: int | None, isolation: list[str], report_fd: int
-) -> NoReturn:
-    """In the process that becomes the program: guards, limits, then the program itself."""
-    try:
-        _guard_writes(os.getcwd())
-        if "socket-guard" in isolation:
-            _guard_network()
-        if "fork-guard" in isolation:
-            _guard_processes()
-        _apply_limits(limits, nproc)
-        _report(report_fd, ready=True)
-        os.close(report_fd)
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)  # not "ready": the caller raises instead of scoring a failure
-    code = _execute(_PROGRAM)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # e.g. stdout past RLIMIT_FSIZE; nothing more to say
-            pass
-    os._exit(code)
-
-
-def _apply_limits(limits: dict[str, int], nproc: int | None) -> None:
-    cpu = limits["cpu_seconds"]
-    caps = [
-        (resource.RLIMIT_CORE, 0, 0),
-        (resource.RLIMIT_CPU, cpu, cpu + 1),  # SIGXCPU, then SIGKILL a second later
-        (resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"]),
-        (resource.RLIMIT_FSIZE, limits["file_size_bytes"], limits["file_size_bytes"]),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"], limits["max_open_files"]),
-    ]
-    if nproc is not None:
-        caps.append((resource.RLIMIT_NPROC, nproc, nproc))
-    for which, soft, hard in caps:
-        _, old_hard = resource.getrlimit(which)
-        if old_hard != resource.RLIM_INFINITY:  # an unprivileged user cannot raise it
-            soft, hard = min(soft, old_hard), min(hard, old_hard)
-        resource.setrlimit(which, (soft, hard))
-
-
-_PATH_WRITERS = {
-    **dict.fromkeys(["remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown"], 1),
-    **dict.fromkeys(["truncate", "utime", "mkfifo", "mknod"], 1),
-    **dict.fromkeys(["rename", "replace", "link", "symlink"], 2),
-}
-"""os functions that change the file system, and how many leading arguments are paths."""
-
-
-def _guard_writes(workdir: str) -> None:
-    """Python-level writes outside workdir raise PermissionError (defense in depth, no more)."""
-    import builtins
-    import io
-
-    root = os.path.realpath(workdir)
-
-    def check(path: Any, dir_fd: int | None = None) -> None:
-        if isinstance(path, int):
-            return  # an open descriptor: judged when it was opened
-        name = os.fsdecode(path)
-        base = os.getcwd() if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}")
-        real = os.path.realpath(os.path.join(base, name))
-        if real != os.devnull and os.path.commonpath([root, real]) != root:
-            raise PermissionError(errno.EACCES, "sandbox: no writing outside the working dir", name)
-
-    real_open = builtins.open
-
-    def guarded_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if any(c in mode for c in "wax+"):
-            check(file)
-        return real_open(file, mode, *args, **kwargs)
-
-    real_os_open = os.open
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def guarded_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
-        if flags & write_flags:
-            check(path, dir_fd)
-        return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-    setattr(builtins, "open", guarded_open)  # noqa: B010 (mypy rejects assigning a function)
-    setattr(io, "open", guarded_open)  # noqa: B010
-    setattr(os, "open", guarded_os_open)  # noqa: B010
-    for name, count in _PATH_WRITERS.items():
-        if hasattr(os, name):
-            setattr(os, name, _checking_paths(getattr(os, name), count, check))
-
-
-def _checking_paths(
-    real: Callable[..., Any], count: int, check: Callable[[Any, int | None], None]
-) -> Callable[..., Any]:
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        named = [kwargs[key] for key in ("path", "src", "dst") if key in kwargs]
-        for path in [*args[:count], *named]:
-            check(path, kwargs.get("dir_fd"))
-        return real(*args, **kwargs)
-
-    return guarded
-
-
-def _guard_network() -> None:
-    """Refuse every socket but AF_UNIX (used without a network namespace; code can undo it)."""
-    import socket
-
-    class NoNetworkSocket(socket.socket):
-        def __init__(self, family: Any = -1, type: Any = -1, proto: int = -1, fileno: Any = None):
-            if fileno is None and family != socket.AF_UNIX:
-                raise PermissionError(errno.EACCES, "sandbox: network access is disabled")
-            super().__init__(family, type, proto, fileno)
-
-    setattr(socket, "socket", NoNetworkSocket)  # noqa: B010
-
-
-def _guard_processes() -> None:
-    """Without any kernel cap on processes (root, no cgroup), refuse to start them in Python."""
-    import _posixsubprocess
-
-    def refuse(*args: Any, **kwargs: Any) -> NoReturn:
-        raise PermissionError(errno.EACCES, "sandbox: no new processes (no process limit here)")
-
-    for name in ("fork", "forkpty", "system", "posix_spawn", "posix_spawnp", "execv", "execve"):
-        if hasattr(os, name):
-            setattr(os, name, refuse)
-    setattr(_posixsubprocess, "fork_exec", refuse)  # noqa: B010
-    setattr(subprocess, "_fork_exec", refuse)  # noqa: B010 (3.11+ binds it at import)
-
-
-def _execute(path: str) -> int:
-    """Run the file as `python path` would, in a fresh __main__; the exit code it ends with."""
-    main = types.ModuleType("__main__")
-    main.__file__ = path
-    sys.modules["__main__"] = main
-    sys.argv = [path]
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        exec(compile(source, path, "exec"), main.__dict__)
-    except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            return e.code or 0
-        print(e.code, file=sys.stderr)
-        return 1
-    except BaseException as e:
-        tb = e.__traceback__.tb_next if e.__traceback__ else None  # skip this frame
-        traceback.print_exception(type(e), e, tb)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    _child_main(json.loads(sys.argv[1]), int(sys.argv[2]))
