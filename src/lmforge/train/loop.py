@@ -153,7 +153,7 @@ def train(
     amp_dtype = autocast_dtype(cfg.precision, device)
     model.to(device).train()
     forward = parallelize(model, parallel, amp_dtype, cfg.compile)
-    autocast = amp_dtype is not None and uses_autocast(parallel)
+    step_amp = amp_dtype if uses_autocast(parallel) else None  # FSDP casts parameters itself
     optimizer = build_optimizer(model, optim_cfg)
     for stage in stages:
         grad_accum_steps(stage, world)  # a misfit batch of a later stage fails now, not then
@@ -162,21 +162,7 @@ def train(
         loss_chunk = auto_loss_chunk(model.cfg.vocab_size)
     last_step = total_steps(stages)
     ckpt_dir = checkpoint_dir(run_dir)
-    step, tokens = 0, 0
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None and not resume:
-        raise FileExistsError(
-            f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-            "or use another run_dir (nothing was overwritten)"
-        )
-    if resume and last is None:
-        log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
-    if last is not None:
-        last, state = load_newest_good(ckpt_dir, model, optimizer)
-        step, tokens = state.step, state.tokens
-        loader.load_state_dict(state.loader)
-        guard.load_state_dict(state.guard)
-        log.info("resumed from %s at step %d (%d tokens)", last, step, tokens)
+    step, tokens = _restore(ckpt_dir, resume, model, optimizer, loader, guard)
     if rank() == 0:
         _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past it are redone
     peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
@@ -206,7 +192,6 @@ def train(
             enter_stage(model, loader, stage)
             batches = iter(loader)
             accum = grad_accum_steps(stage, world)
-            flops_per_token = model.cfg.flops_per_token(stage.seq_len)
             active = stage
         t0 = time.perf_counter()
         lr = stage.lr_at(tokens) * guard.lr_scale
@@ -219,23 +204,7 @@ def train(
             if step > saved_step:
                 pending = save()
             break
-        targets = all_reduce_sum(sum(b.num_targets for b in micro), device)
-        loss_sum = 0.0
-        for i, batch in enumerate(micro):
-            batch = batch.to(device)
-            with (
-                gradient_sync(forward, i == accum - 1),
-                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=autocast),
-            ):
-                loss = forward(  # fp32 sum, divided by the whole step's targets
-                    batch.input_ids,
-                    batch.positions,
-                    labels=batch.labels,
-                    loss_chunk_tokens=loss_chunk,
-                ) / max(targets, 1)
-                (loss * world).backward()  # gradients are averaged over ranks: undo the 1/world
-            loss_sum += loss.item()
-        loss_sum = all_reduce_sum(loss_sum, device)
+        loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
         clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(model, clip)
         event = guard.check(loss_sum, grad_norm)
@@ -295,7 +264,7 @@ def train(
             "lr": lr,
             "grad_norm": grad_norm,
             "tok_per_s": step_tokens / dt,
-            "mfu": flops_per_token * step_tokens / dt / peak,
+            "mfu": model.cfg.flops_per_token(stage.seq_len) * step_tokens / dt / peak,
             "seq_len": stage.seq_len,
             "stage": stage.name,
             **({"guard": event["kind"]} if event is not None else {}),
@@ -325,6 +294,65 @@ def train(
     if metrics is not None:
         metrics.close()
     return records
+
+
+def _restore(
+    ckpt_dir: Path,
+    resume: bool,
+    model: Llama,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchSource,
+    guard: SpikeGuard,
+) -> tuple[int, int]:
+    """(step, tokens) to start from: the newest good checkpoint's with --resume, else 0. A run
+    dir with checkpoints is never trained over without --resume."""
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None and not resume:
+        raise FileExistsError(
+            f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+            "or use another run_dir (nothing was overwritten)"
+        )
+    if last is None:
+        if resume:
+            log.warning("--resume: no checkpoint in %s; starting from step 0", ckpt_dir)
+        return 0, 0
+    last, state = load_newest_good(ckpt_dir, model, optimizer)
+    loader.load_state_dict(state.loader)
+    guard.load_state_dict(state.guard)
+    log.info("resumed from %s at step %d (%d tokens)", last, state.step, state.tokens)
+    return state.step, state.tokens
+
+
+def _accumulate_gradients(
+    forward: torch.nn.Module,
+    micro: list[PackedBatch],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    loss_chunk: int,
+) -> float:
+    """Forward and backward over one step's micro-batches; the step's mean loss over all ranks.
+
+    Each micro-batch's summed loss is divided by the whole step's targets (on every rank), so
+    the accumulated gradients are those of the step's mean loss however rows are split. The
+    gradient reduction runs on the last micro-batch only."""
+    world = world_size()
+    targets = all_reduce_sum(sum(b.num_targets for b in micro), device)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        batch = batch.to(device)
+        with (
+            gradient_sync(forward, i == len(micro) - 1),
+            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=bool(amp_dtype)),
+        ):
+            loss = forward(  # fp32 sum, divided by the whole step's targets
+                batch.input_ids,
+                batch.positions,
+                labels=batch.labels,
+                loss_chunk_tokens=loss_chunk,
+            ) / max(targets, 1)
+            (loss * world).backward()  # gradients are averaged over ranks: undo the 1/world
+        loss_sum += loss.item()
+    return all_reduce_sum(loss_sum, device)
 
 
 def rewind(
