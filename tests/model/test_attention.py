@@ -207,6 +207,16 @@ def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelCo
     assert plan_document_mask(short[:, :256], "auto").dense is not None
     with patch("torch.compiler.is_compiling", return_value=True):  # compiled: no per-layout
         assert plan_document_mask(short, "auto").dense is not None  # recompiles from split
+    assert plan_document_mask(short, "auto", compiled=True).dense is not None  # per-block
+    model = Llama(tiny_cfg)
+    model.compiled_blocks = True  # as parallelize sets it when it compiles each block
+    planned = []
+    with patch(
+        "lmforge.model.llama.plan_document_mask",
+        side_effect=lambda *a: planned.append(a) or plan_document_mask(*a),
+    ):
+        model(torch.zeros_like(short), short)
+    assert planned[0][2] is True
     assert not plan_document_mask(pos, "flex").causal
     model = Llama(replace(tiny_cfg, attention="flex"))
     with pytest.raises(ValueError, match="flex has no backward on CPU"):

@@ -180,10 +180,16 @@ class DocumentMask:
         return self.dense is None and not self.runs and self.flex is None
 
 
-def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
-    """Pick the kernel for this T (see module docstring) and precompute what it needs."""
+def plan_document_mask(
+    positions: torch.Tensor, impl: AttentionImpl, compiled: bool = False
+) -> DocumentMask:
+    """Pick the kernel for this T (see module docstring) and precompute what it needs.
+
+    compiled: the attention runs in torch.compile'd code (also detected when this function is
+    itself being traced)."""
     B, T = positions.shape
-    on_cpu = positions.device.type == "cpu" and not torch.compiler.is_compiling()
+    compiled = compiled or torch.compiler.is_compiling()
+    on_cpu = positions.device.type == "cpu" and not compiled
     dense_max = DENSE_MAX_SEQ_LEN_CPU if on_cpu else DENSE_MAX_SEQ_LEN
     if impl == "dense" or (impl == "auto" and T <= dense_max):
         return DocumentMask(dense=document_mask(positions))
