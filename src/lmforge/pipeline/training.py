@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
-from lmforge.train.loop import train
+from lmforge.train.loop import BatchSource, train
 from lmforge.train.parallelize import init_distributed, shutdown_distributed
 from lmforge.train.stages import StageConfig, total_tokens, trained_stage
 
@@ -120,23 +120,7 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
         at_len = replace(recipe, packing=replace(recipe.packing, seq_len=seq_len))
         return perplexity(m, val, at_len, special, device, recipe.eval.max_batches)
 
-    try:
-        return train(
-            model,
-            loader,
-            recipe.train,
-            recipe.optim,
-            recipe.resolved_stages(),
-            paths.root,
-            recipe_to_dict(recipe),
-            evaluate,
-            recipe.eval.every_steps,
-            resume,
-            recipe.parallel,
-            recipe.guard,
-        )
-    finally:
-        shutdown_distributed()
+    return _train(recipe, model, loader, paths, evaluate, resume)
 
 
 def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
@@ -198,6 +182,19 @@ def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
         batches = itertools.islice(rows, recipe.eval.max_batches)
         return evaluate_perplexity(m, batches, device, bytes_per_target, amp)
 
+    return _train(recipe, model, loader, paths, evaluate, resume)
+
+
+def _train(
+    recipe: Recipe,
+    model: Llama,
+    loader: BatchSource,
+    paths: RunPaths,
+    evaluate: Callable[[Llama, int], dict[str, float]],
+    resume: bool,
+) -> list[dict[str, Any]]:
+    """The training loop with the recipe's settings (pretraining and SFT alike), then the
+    process group, if any, is shut down."""
     try:
         return train(
             model,
