@@ -8,7 +8,8 @@ loss fused with its gradient, model/loss.py), or over full logits with `--lmforg
 Variants:
 
 - lmforge, document masking ON: packed rows of several documents, positions reset per document
-  (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask at T <= 1024);
+  (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask at T <= 256
+  on CPU, the split kernel above);
 - lmforge, plain causal (positions=None, SDPA is_causal);
 - HF LlamaForCausalLM(attn_implementation="sdpa"), plain causal, same weights as lmforge.
 

@@ -126,7 +126,8 @@ def test_grad_accum_times_micro_seq_gpus_is_the_batch(gpus: int) -> None:
 @pytest.mark.parametrize("packed", [False, True])
 def test_activation_formula_matches_the_tensors_autograd_saves(kv_heads: int, packed: bool) -> None:
     """Count the bytes autograd keeps for the backward of a tiny bf16 model (parameters aside):
-    per token and block they match (22·d + 4·kv + 8·f) within 5%."""
+    per token and block they match (14·d + 4·kv + 4·f + 4·H + 8). Packed rows on CPU run the
+    split kernel, whose per-document outputs are copied once more for o_proj: 2·d more."""
 
     def saved(cfg: ModelConfig, T: int) -> int:
         torch.manual_seed(0)
@@ -149,7 +150,8 @@ def test_activation_formula_matches_the_tensors_autograd_saves(kv_heads: int, pa
     one, three = ModelConfig(num_layers=1, **shape), ModelConfig(num_layers=3, **shape)  # type: ignore[arg-type]
     T = 256
     measured = (saved(three, T) - saved(one, T)) / 2 / T
-    assert measured == pytest.approx(activation_bytes_per_token_layer(one), rel=0.05)
+    split_copy = 2 * one.d_model if packed else 0
+    assert measured == pytest.approx(activation_bytes_per_token_layer(one) + split_copy, rel=0.01)
     assert activation_bytes(three, T) > activation_bytes(three, T, "full")
 
 

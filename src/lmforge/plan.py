@@ -58,20 +58,22 @@ fp32 softmax / gradient (4)."""
 
 def activation_bytes_per_token_layer(cfg: ModelConfig) -> int:
     """Bytes one block saves for its backward per token, bf16 compute without checkpointing:
-    (22·d + 4·kv + 8·f), d = d_model, kv = num_kv_heads·head_dim, f = d_ff.
+    (14·d + 4·kv + 4·f + 4·H + 8), d = d_model, kv = num_kv_heads·head_dim, f = d_ff,
+    H = num_heads.
 
     Counted tensor by tensor (bf16 = 2 bytes unless noted):
-      each of the two RMSNorms: its fp32 normalized input (4d) and the bf16 copy the weight
-      multiplies (2d) → 12d; the q/k/v projections' input (2d); the attention kernel's q (2d),
-      k and v (2·2kv) and output (2d), with a fused (flash / efficient) kernel, so no T×T score
-      matrix is stored; the o_proj input, a contiguous copy of that output (2d); the gate/up
-      projections' input (2d); SwiGLU's gate, silu(gate), up and their product (4·2f).
+      each of the two RMSNorms: its input (2d) and fp32 1/rms (4) → 4d + 8 (model/fused.py
+      recomputes the normalised tensor); the q/k/v projections' input (2d); the attention
+      kernel's q (2d), k and v (2·2kv), output (2d) and fp32 log-sum-exp per head (4H), with
+      a fused (flash / efficient) kernel, so no T×T score matrix is stored; the o_proj input,
+      a contiguous copy of that output (2d); the gate/up projections' input (2d); SwiGLU's
+      gate and up (2·2f; their product is recomputed for down_proj's gradient).
     Cf. Korthikanti et al. 2022 (arXiv:2205.05198) §4, who count 34·h per token for a GPT layer
     with a 4h MLP, dropout and no fused attention.
     """
     d, f = cfg.d_model, cfg.d_ff
     kv = cfg.num_kv_heads * cfg.head_dim
-    return 22 * d + 4 * kv + 8 * f
+    return 14 * d + 4 * kv + 4 * f + 4 * cfg.num_heads + 8
 
 
 def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
@@ -374,7 +376,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
     notes = [f"- {s.name}: {n}" for s in plan.stages for n in s.notes]
     legend = (
         "GB per GPU; states = 16 B/param sharded over the GPUs; activations per micro-batch "
-        "(bytes per token per block: (22·d + 4·kv + 8·f) without, 2·d with checkpointing); "
+        "(bytes per token per block: (14·d + 4·kv + 4·f + 4·H + 8) without, 2·d with "
+        "checkpointing); "
         "FLOPs/token = 6N + 12·L·d·T (PaLM's count; document masking does less attention "
         "work); time = FLOPs / (GPUs × peak × MFU)."
     )

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.model.attention import Attention, DocumentMask, KVCache, plan_document_mask
 from lmforge.model.config import ModelConfig
+from lmforge.model.fused import rms_norm, swiglu_down
 from lmforge.model.linear import Linear
 from lmforge.model.loss import linear_cross_entropy
 from lmforge.model.rope import rope_cos_sin
@@ -29,13 +30,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x)).
+
+    Training calls down_proj's weight through `swiglu_down`, which keeps gate and up for the
+    backward rather than four d_ff-wide tensors (model/fused.py); without gradients down_proj
+    runs as a module (its one-token decode path)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -44,7 +47,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled():
+            return swiglu_down(gate, up, self.down_proj.weight)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
