@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from dataclasses import replace
-from unittest.mock import patch
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmforge.model.attention import KVCache, document_lengths, document_mask
+from lmforge.model.attention import DocumentMask, KVCache, document_lengths, document_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 
@@ -205,22 +205,41 @@ def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelCo
     short = (torch.arange(512) % 100)[None]  # on CPU split wins from T = 512, dense up to 256
     assert len(plan_document_mask(short, "auto").runs) == 2  # 5 x 100 tokens, then 12
     assert plan_document_mask(short[:, :256], "auto").dense is not None
-    with patch("torch.compiler.is_compiling", return_value=True):  # compiled: no per-layout
-        assert plan_document_mask(short, "auto").dense is not None  # recompiles from split
-    assert plan_document_mask(short, "auto", compiled=True).dense is not None  # per-block
-    model = Llama(tiny_cfg)
-    model.compiled_blocks = True  # as parallelize sets it when it compiles each block
-    planned = []
-    with patch(
-        "lmforge.model.llama.plan_document_mask",
-        side_effect=lambda *a: planned.append(a) or plan_document_mask(*a),
-    ):
-        model(torch.zeros_like(short), short)
-    assert planned[0][2] is True
     assert not plan_document_mask(pos, "flex").causal
+    split = plan_document_mask(short, "auto")
+    assert not split.causal and not replace(split).causal  # FSDP rebuilds inputs with replace
+    assert not DocumentMask(runs=split.runs, causal=True).causal  # derived, never taken
     model = Llama(replace(tiny_cfg, attention="flex"))
     with pytest.raises(ValueError, match="flex has no backward on CPU"):
         model(*_packed(tiny_cfg.vocab_size))
+
+
+def test_compiled_split_kernel_reuses_its_graphs_for_new_layouts(tiny_cfg: ModelConfig) -> None:
+    """Each batch packs documents differently; the split kernel runs outside the compiled graph,
+    so new layouts reuse the graphs (they used to add one each) and match eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Llama(replace(tiny_cfg, attention="split", num_layers=1))
+    compiled = torch.compile(model)
+    g, rng = torch.Generator().manual_seed(1), random.Random(1)
+
+    def step() -> None:
+        lengths: list[int] = []
+        while sum(lengths) < 96:
+            lengths.append(min(rng.randint(3, 40), 96 - sum(lengths)))
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        ids = torch.randint(0, tiny_cfg.vocab_size, (1, 96), generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, pos), model(ids, pos))
+
+    for _ in range(3):  # the first compile, and one more once shapes are marked dynamic
+        step()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(4):
+        step()
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.slow

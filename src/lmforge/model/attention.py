@@ -22,6 +22,8 @@ DENSE_MAX_SEQ_LEN, 256 on CPU; above it flex on CUDA and split elsewhere):
   choice is honoured or refused, never swapped silently (a benchmark labelled flex would
   measure split); "auto" is the setting that works on both.
 Split plans plain causal SDPA when every row is a single document (flex and dense keep a mask).
+Under torch.compile the split kernel runs eagerly between compiled pieces: its per-run sizes
+differ from batch to batch, and traced they would recompile the graph for every layout.
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ DENSE_MAX_SEQ_LEN = 1024
 DENSE_MAX_SEQ_LEN_CPU = 256
 """The same on CPU, where split's forward + backward measured 0.27-0.90x dense's time at T = 512
 and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md).
-Not under torch.compile: split's run plan (Python ints per document run) is guarded by the
-compiled graph, so every new document layout recompiled it (~1 min per batch on CPU)."""
+Compiled, split and dense steps took the same time at T = 512 (2.61 vs 2.63 s)."""
 
 FLEX_BLOCK_SIZE = 128
 """Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
@@ -174,22 +175,21 @@ class DocumentMask:
     dense: torch.Tensor | None = None
     runs: list[Run] = field(default_factory=list)
     flex: BlockMask | None = None
+    causal: bool = True
+    """No mask at all: always derived from the fields above, never taken from the caller. It is
+    stored, not a property over `runs`, so compiled code reading it guards on one bool rather
+    than on this batch's number of runs. It is an init field only because FSDP rebuilds
+    dataclass inputs with dataclasses.replace, which refuses init=False fields."""
 
-    @property
-    def causal(self) -> bool:
-        return self.dense is None and not self.runs and self.flex is None
+    def __post_init__(self) -> None:
+        causal = self.dense is None and not self.runs and self.flex is None
+        object.__setattr__(self, "causal", causal)
 
 
-def plan_document_mask(
-    positions: torch.Tensor, impl: AttentionImpl, compiled: bool = False
-) -> DocumentMask:
-    """Pick the kernel for this T (see module docstring) and precompute what it needs.
-
-    compiled: the attention runs in torch.compile'd code (also detected when this function is
-    itself being traced)."""
+def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
+    """Pick the kernel for this T (see module docstring) and precompute what it needs."""
     B, T = positions.shape
-    compiled = compiled or torch.compiler.is_compiling()
-    on_cpu = positions.device.type == "cpu" and not compiled
+    on_cpu = positions.device.type == "cpu"
     dense_max = DENSE_MAX_SEQ_LEN_CPU if on_cpu else DENSE_MAX_SEQ_LEN
     if impl == "dense" or (impl == "auto" and T <= dense_max):
         return DocumentMask(dense=document_mask(positions))
@@ -210,13 +210,15 @@ def plan_document_mask(
     return DocumentMask(runs=runs)
 
 
+@torch.compiler.disable
 def split_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: DocumentMask
 ) -> torch.Tensor:
     """Document-causal attention at O(T) memory: q (B, H, T, D), k/v (B, Hkv, T, D).
 
     The runs are cut with one `split` over the flattened tokens: slicing each run instead
-    would make every slice's backward fill a gradient buffer of the full input size."""
+    would make every slice's backward fill a gradient buffer of the full input size. Never
+    traced by torch.compile (module docstring)."""
     B, H, T, D = q.shape
     if not plan.runs:
         raise ValueError("split_attention needs a run plan (plan_document_mask)")

@@ -83,9 +83,6 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size)
-        self.compiled_blocks = False
-        """Set by train/parallelize.py when it compiles each block on its own: the attention
-        plan, made outside the blocks, must then suit compiled code (plan_document_mask)."""
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
@@ -140,7 +137,7 @@ class Llama(nn.Module):
                 raise ValueError("attention_mask needs explicit positions and no KV cache")
             mask = DocumentMask(dense=attention_mask)
         elif positions is not None and cache is None:
-            mask = plan_document_mask(positions, self.cfg.attention, self.compiled_blocks)
+            mask = plan_document_mask(positions, self.cfg.attention)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)

@@ -95,7 +95,6 @@ def parallelize(
     if compile:  # per block, so FSDP's hooks stay between the compiled regions
         for block in model.layers:
             block.compile()
-        model.compiled_blocks = True
     if cfg.strategy == "ddp":
         device_ids = [model.embed_tokens.weight.device] if torch.cuda.is_available() else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
