@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lmforge.generate import GenerateConfig, generate, generate_text, sample_next
+from lmforge.generate import (
+    GenerateConfig,
+    generate,
+    generate_samples,
+    generate_text,
+    generate_texts,
+    sample_next,
+)
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 
@@ -152,3 +159,44 @@ def test_generate_text_stops_on_eos_and_drops_it(model: Llama) -> None:
 def test_empty_prompt_is_an_error(model: Llama) -> None:
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         generate(model, [], GREEDY)
+
+
+def test_every_greedy_sample_equals_generate(model: Llama) -> None:
+    samples = generate_samples(model, PROMPT, 3, GREEDY)
+    assert samples == [generate(model, PROMPT, GREEDY)] * 3
+
+
+def test_each_sample_follows_its_own_prefix(model: Llama) -> None:
+    """Batched rows share one prompt cache, then diverge: every sampled token is among the top 3
+    of a full forward pass over that row's own prefix (a row reading another's keys would not
+    be), and the rows do diverge."""
+    cfg = GenerateConfig(max_new_tokens=10, temperature=1.5, top_k=3, top_p=None, seed=1)
+    samples = generate_samples(model, PROMPT, 6, cfg)
+    assert len({tuple(s) for s in samples}) > 1
+    with torch.no_grad():
+        for sample in samples:
+            logits = model(torch.tensor([PROMPT + sample]))[0, len(PROMPT) - 1 : -1]
+            top3 = logits.topk(3).indices
+            assert all(t in top3[i] for i, t in enumerate(sample))
+
+
+def test_samples_end_at_their_own_stop_token(model: Llama) -> None:
+    cfg = GenerateConfig(max_new_tokens=10, temperature=1.5, top_k=3, top_p=None, seed=1)
+    free = generate_samples(model, PROMPT, 6, cfg)
+    stop = free[0][3]
+    stopped = generate_samples(model, PROMPT, 6, cfg, stop_ids=(stop,))
+    for full, cut in zip(free, stopped, strict=True):  # same draws until a row stops
+        assert cut == (full[: full.index(stop) + 1] if stop in full else full)
+
+
+def test_generate_texts_drops_eos_and_checks_n(model: Llama) -> None:
+    tok = ToyTokenizer()
+    free = generate(model, [tok.bos_id, *tok.encode("ABC")], GREEDY)
+    tok.eos_id = free[2]
+    assert (
+        generate_texts(model, tok, "ABC", 2, GREEDY)
+        == [generate_text(model, tok, "ABC", GREEDY)] * 2
+    )
+    assert generate_samples(model, PROMPT, 2, GenerateConfig(max_new_tokens=0)) == [[], []]
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        generate_samples(model, PROMPT, 0, GREEDY)

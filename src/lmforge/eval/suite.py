@@ -4,7 +4,7 @@ log-likelihood in lm-eval's formats, HumanEval pass@1 in a sandbox, and the repo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.humaneval import evaluate_humaneval, load_problems
 from lmforge.eval.multiple_choice import LoglikelihoodScorer, mc_metrics
 from lmforge.eval.tasks import load_task, task_spec
-from lmforge.generate import GenerateConfig, generate_text
+from lmforge.generate import GenerateConfig, generate_text, generate_texts
 from lmforge.model.llama import Llama
 
 COMMONSENSE: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "copa", "hellaswag")
@@ -103,7 +103,7 @@ def _humaneval(model: Llama, tokenizer: TextTokenizer, cfg: SuiteConfig) -> dict
     def complete(prompt: str, n: int) -> list[str]:
         if greedy:
             return [generate_text(model, tokenizer, prompt, gen)] * n
-        return [generate_text(model, tokenizer, prompt, replace(gen, seed=i)) for i in range(n)]
+        return generate_texts(model, tokenizer, prompt, n, gen)  # one batch of n samples
 
     ks = tuple(k for k in (1, 10, 100) if k <= cfg.samples)
     result = evaluate_humaneval(complete, problems, n_samples=cfg.samples, ks=ks)
