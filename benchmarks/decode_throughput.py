@@ -18,7 +18,11 @@ Both decode greedily a fixed number of new tokens after a random prompt, with no
   (its decode step under torch.compile; the first, compiling generation is timed apart);
 - HF: `model.generate(do_sample=False, min_new_tokens=max_new_tokens=N, eos_token_id=None)`,
   all prompts of equal length (no padding), with a streamer that only notes when the first new
-  token arrives (HF hands it every token anyway; the cost is one call per step).
+  token arrives (HF hands it every token anyway; the cost is one call per step);
+- batch 1, litgpt (when installed; see train_throughput.py for the install): its GPT with
+  lmforge's weights, a KV cache set for each generation (`set_kv_cache`) and
+  `litgpt.generate.base.generate_fn` at temperature 0 and top-p 0 (litgpt's greedy), the
+  iterator its `generate` drains.
 
 Before timing, the greedy ids of both at batch 1 are compared (bf16 can part at a near-tie; the
 first differing step and both models' logit gaps there are printed). Then, for each batch size,
@@ -54,7 +58,7 @@ from typing import Any
 
 import torch
 from cpu_meter import CpuMeter
-from train_throughput import REF
+from train_throughput import REF, build_litgpt, litgpt_installed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SEED = 0
@@ -250,6 +254,25 @@ def hf_generate(hf: Any, prompts: torch.Tensor, n: int) -> Run:
     return Run(clock.first - t0, t2 - t0, tokens)
 
 
+def litgpt_generate(model: Any, prompts: torch.Tensor, n: int) -> Run:
+    """litgpt's own decode loop (batch 1), greedy, exactly n new tokens."""
+    from litgpt.generate.base import generate_fn
+
+    if prompts.shape[0] != 1:
+        raise ValueError("litgpt's generate_fn decodes one prompt at a time")
+    p = prompts.shape[1]
+    t0 = time.perf_counter()
+    model.set_kv_cache(batch_size=1, max_seq_length=p + n)
+    stream = generate_fn(  # greedy needs top_p 0 too: with top_p > 0 litgpt samples
+        model, prompts[0], p + n, temperature=0.0, top_p=0.0, include_prompt=False, include_eos=True
+    )
+    out = [next(stream)]
+    t1 = time.perf_counter()
+    out.extend(stream)
+    t2 = time.perf_counter()
+    return Run(t1 - t0, t2 - t0, torch.stack([t.reshape(()) for t in out])[None])
+
+
 COMPILED = "lmforge compiled"
 
 
@@ -257,9 +280,11 @@ def lmforge_impl(batch: int) -> str:
     return "lmforge" if batch == 1 else "lmforge (loop)"
 
 
-def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int) -> Run:
+def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int, litgpt: Any = None) -> Run:
     if impl == "hf":
         return hf_generate(hf, prompts, n)
+    if impl == "litgpt":
+        return litgpt_generate(litgpt, prompts, n)
     if impl == "lmforge":
         return lmforge_generate(ours, prompts, n)
     if impl == COMPILED:
@@ -320,8 +345,15 @@ def bench_dtype(
 ) -> tuple[list[Series], dict[str, Any]]:
     """Parity check at batch 1, then warm-up and alternating timed rounds per batch size."""
     ours, hf, diff = build_models(DTYPES[name])  # outside inference mode: parameters stay normal
+    litgpt = None
+    if litgpt_installed():
+        block = max(64, args.prompt_tokens + args.new_tokens)  # 64: the logits check
+        litgpt, check = build_litgpt(ours.float(), block)
+        ours.to(DTYPES[name])
+        litgpt = litgpt.eval().to(DTYPES[name])
+        print(f"litgpt: fp32 logits max|diff| vs lmforge {check['logits_maxdiff_vs_lmforge']:.2e}")
     with torch.inference_mode():
-        return _bench_dtype(name, args, prompts, meter, ours, hf, diff)
+        return _bench_dtype(name, args, prompts, meter, ours, hf, diff, litgpt)
 
 
 def _bench_dtype(
@@ -332,6 +364,7 @@ def _bench_dtype(
     ours: Any,
     hf: Any,
     diff: float,
+    litgpt: Any = None,
 ) -> tuple[list[Series], dict[str, Any]]:
     n = args.new_tokens
     info: dict[str, Any] = {
@@ -359,12 +392,13 @@ def _bench_dtype(
     for batch in args.batch_sizes:
         x = prompts[:batch]
         impls = [lmforge_impl(batch), "hf"] + ([COMPILED] if args.compile and batch == 1 else [])
+        impls += ["litgpt"] if litgpt is not None and batch == 1 else []
         group = {impl: Series(impl, name, batch) for impl in impls}
         warm = {}
         for _ in range(max(args.warmup, 1 if COMPILED in impls else 0)):  # compiles on the 1st
             for impl in impls:
                 t0 = time.perf_counter()
-                warm[impl] = decode(impl, ours, hf, x, n)
+                warm[impl] = decode(impl, ours, hf, x, n, litgpt)
                 if impl == COMPILED and "compile_s" not in info:
                     info["compile_s"] = time.perf_counter() - t0
                     print(f"{COMPILED}: first generation (compiling) {info['compile_s']:.1f} s")
@@ -377,7 +411,7 @@ def _bench_dtype(
             k = r % len(impls)
             meter.start()
             for impl in impls[k:] + impls[:k]:
-                group[impl].runs.append(decode(impl, ours, hf, x, n))
+                group[impl].runs.append(decode(impl, ours, hf, x, n, litgpt))
             foreign.append(meter.stop()[0])
             print(
                 f"  {name} batch {batch} round {r + 1}/{args.rounds}: "
@@ -404,7 +438,7 @@ def report(series: list[Series], bandwidth: float, infos: dict[str, dict[str, An
         "prefill ms",
         "decode tok/s (median)",
         "% of bandwidth bound",
-        "ratio lmforge/HF",
+        "/ HF",
     ]
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -443,7 +477,7 @@ def report(series: list[Series], bandwidth: float, infos: dict[str, dict[str, An
         " per sequence x batch; bound = batch x measured bandwidth / weight bytes read per token;"
         "\n'lmforge' = generate_stream (its generate API), 'lmforge compiled' = the same with"
         " generate.compile, 'lmforge (loop)' = this script's batched greedy loop over lmforge's"
-        " model + KVCache; ratio = decode tok/s lmforge / HF."
+        " model + KVCache; / HF = the row's decode tok/s over HF's (same dtype and batch)."
     )
     for d, b in bound1.items():
         print(f"bandwidth-bound decode at batch 1, {d}: {b:.0f} tok/s")

@@ -11,7 +11,11 @@ Variants:
   (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask at T <= 256
   on CPU, the split kernel above);
 - lmforge, plain causal (positions=None, SDPA is_causal);
-- HF LlamaForCausalLM(attn_implementation="sdpa"), plain causal, same weights as lmforge.
+- HF LlamaForCausalLM(attn_implementation="sdpa"), plain causal, same weights as lmforge;
+- litgpt's GPT with a Config of the same shape (when litgpt is installed), plain causal, same
+  weights (converted by litgpt's own HF-checkpoint converter). litgpt 0.5.12 pins
+  huggingface-hub < 0.35, which transformers 5 refuses: `pip install litgpt==0.5.12`, then
+  `pip install 'huggingface-hub>=1.31,<3'` (litgpt's model code does not use the hub).
 
 Each variant runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. All variants of one
 precision are alive at once and the parent makes them take turns one step at a time (rotating the
@@ -59,7 +63,7 @@ TAG = "@@"  # prefix of protocol lines on a child's stdout; anything else is pas
 
 @dataclass(frozen=True)
 class Variant:
-    impl: str  # lmforge | hf
+    impl: str  # lmforge | hf | litgpt
     masking: str  # doc | causal
     dtype: str  # fp32 | bf16
     compiled: bool
@@ -123,6 +127,8 @@ def build_model(v: Variant) -> tuple[torch.nn.Module, dict]:
     ours = Llama(model_config(v.attention))
     if v.impl == "lmforge":
         return ours, {}
+    if v.impl == "litgpt":
+        return build_litgpt(ours)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmforge.export import hf_config, hf_state_dict
@@ -135,7 +141,52 @@ def build_model(v: Variant) -> tuple[torch.nn.Module, dict]:
         x = torch.randint(0, REF["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(3))
         diff = (ours(x) - hf(input_ids=x, use_cache=False).logits).abs().max().item()
     del ours
-    return hf, {"hf_logits_maxdiff_vs_lmforge": diff, "hf_attn": hf.config._attn_implementation}
+    peer = f"HF transformers, attn={hf.config._attn_implementation}"
+    return hf, {"logits_maxdiff_vs_lmforge": diff, "peer": peer}
+
+
+def litgpt_installed() -> bool:
+    try:
+        import litgpt.model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_litgpt(ours: torch.nn.Module, block_size: int = SEQ_LEN) -> tuple[torch.nn.Module, dict]:
+    """litgpt's GPT of the reference shape with lmforge's weights, and a logits check."""
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+
+    from lmforge.export import hf_state_dict
+
+    cfg = Config(
+        name="lmforge-reference",
+        block_size=block_size,
+        vocab_size=REF["vocab_size"],
+        padded_vocab_size=REF["vocab_size"],
+        n_layer=REF["num_layers"],
+        n_embd=REF["d_model"],
+        n_head=REF["num_heads"],
+        n_query_groups=REF["num_kv_heads"],
+        intermediate_size=REF["d_ff"],
+        rotary_percentage=1.0,
+        rope_base=int(REF["rope_theta"]),
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=ours.cfg.norm_eps,
+        mlp_class_name="LLaMAMLP",
+    )
+    model = GPT(cfg)
+    state: dict[str, torch.Tensor] = {}
+    copy_weights_hf_llama(cfg, {}, state, hf_state_dict(ours))
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():  # same weights => same logits (fp32, plain causal)
+        x = torch.randint(0, REF["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(3))
+        diff = (ours(x) - model(x)).abs().max().item()
+    return model, {"logits_maxdiff_vs_lmforge": diff, "peer": "litgpt"}
 
 
 def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
@@ -152,6 +203,8 @@ def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
     def loss_of() -> torch.Tensor:
         if v.impl == "hf":
             logits = fwd(input_ids=ids, use_cache=False).logits
+        elif v.impl == "litgpt":
+            logits = fwd(ids)
         elif v.loss == "full":
             logits = fwd(ids, positions)
         elif v.loss == "checkpointed":  # the trainer's loss before the fused one
@@ -189,8 +242,8 @@ def checkpointed_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Te
 
 
 def attention_kernel(v: Variant) -> str:
-    if v.impl == "hf":
-        return "sdpa (HF causal)"
+    if v.impl != "lmforge":
+        return f"sdpa ({'HF' if v.impl == 'hf' else v.impl} causal)"
     if v.masking == "causal":
         return "sdpa is_causal"
     from lmforge.model.attention import plan_document_mask
@@ -351,7 +404,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
-    ap.add_argument("--impl", choices=["lmforge", "hf", "all"], default="all")
+    ap.add_argument(
+        "--impl",
+        choices=["lmforge", "hf", "litgpt", "all"],
+        default="all",
+        help="all: lmforge, HF and, when installed, litgpt",
+    )
     ap.add_argument("--compile", action="store_true", help="also run torch.compile'd variants")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager variants")
     ap.add_argument(
@@ -399,6 +457,8 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     impls = ["lmforge", "hf"] if args.impl == "all" else [args.impl]
+    if args.impl == "all" and litgpt_installed():
+        impls.append("litgpt")
     modes = ([] if args.no_eager else [False]) + ([True] if args.compile else [])
     maskings = [m for m in args.masking.split(",") if m]
     losses = [m for m in args.lmforge_loss.split(",") if m]
@@ -502,21 +562,21 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
         "during its rounds."
     )
     for c in results:
-        if "hf_logits_maxdiff_vs_lmforge" in c.info:
+        if "logits_maxdiff_vs_lmforge" in c.info:
             print(
-                f"{c.v.name}: attn={c.info['hf_attn']}, fp32 logits max|diff| vs lmforge with "
-                f"the same weights = {c.info['hf_logits_maxdiff_vs_lmforge']:.2e}"
+                f"{c.v.name}: {c.info['peer']}, fp32 logits max|diff| vs lmforge with "
+                f"the same weights = {c.info['logits_maxdiff_vs_lmforge']:.2e}"
             )
     print()
-    for v, t in tps.items():
-        if v.impl != "lmforge":
-            continue
-        ref = Variant("hf", "causal", v.dtype, v.compiled)
-        if ref in tps:
+    for peer, name in (("hf", "HF"), ("litgpt", "litgpt")):
+        for v, t in tps.items():
+            ref = Variant(peer, "causal", v.dtype, v.compiled)
+            if v.impl != "lmforge" or ref not in tps:
+                continue
             print(
-                f"ratio lmforge/HF tok/s  {v.dtype:4s} {'compiled' if v.compiled else 'eager':8s}"
-                f" lmforge {v.masking:6s} {v.loss:5s} loss, attention {v.attention}:"
-                f" {t / tps[ref]:.2f}"
+                f"ratio lmforge/{name} tok/s  {v.dtype:4s} "
+                f"{'compiled' if v.compiled else 'eager':8s} lmforge {v.masking:6s} {v.loss:5s} "
+                f"loss, attention {v.attention}: {t / tps[ref]:.2f}"
             )
 
 
