@@ -175,8 +175,8 @@ def generate_samples(
     """n samples of new token ids after one prompt, as `generate` makes one, decoded as a batch.
 
     The prompt is prefilled once and its keys/values copied to n cache rows. Each step then
-    reads the weights once for n tokens, where n `generate` calls read them n times: 3.96x the
-    tokens per second at n = 10 on a 2-core CPU (benchmarks/notes/decode.md). A sample ends at
+    reads the weights once for n tokens, where n `generate` calls read them n times: 3.8x the
+    tokens per second at n = 10 on a 2-core CPU (benchmarks/sample_throughput.py). A sample ends at
     its first stop id; the batch runs until every sample has ended or max_new_tokens.
     """
     if n < 1:
