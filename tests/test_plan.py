@@ -13,9 +13,12 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.plan import (
     GPUS,
+    LOGIT_BYTES,
     activation_bytes,
     activation_bytes_per_token_layer,
     format_plan,
+    head_bytes_per_token,
+    logit_bytes,
     plan_recipe,
 )
 from lmforge.recipe import Recipe, load_recipe
@@ -127,7 +130,9 @@ def test_grad_accum_times_micro_seq_gpus_is_the_batch(gpus: int) -> None:
 def test_activation_formula_matches_the_tensors_autograd_saves(kv_heads: int, packed: bool) -> None:
     """Count the bytes autograd keeps for the backward of a tiny bf16 model (parameters aside):
     per token and block they match (14·d + 4·kv + 4·f + 4·H + 8). Packed rows on CPU run the
-    split kernel, whose per-document outputs are copied once more for o_proj: 2·d more."""
+    split kernel, whose per-document outputs are copied once more for o_proj: 2·d more. Outside
+    the blocks: head_bytes_per_token per token and the fused loss's fp32 head gradient, which
+    logit_bytes counts."""
 
     def saved(cfg: ModelConfig, T: int) -> int:
         torch.manual_seed(0)
@@ -152,6 +157,11 @@ def test_activation_formula_matches_the_tensors_autograd_saves(kv_heads: int, pa
     measured = (saved(three, T) - saved(one, T)) / 2 / T
     split_copy = 2 * one.d_model if packed else 0
     assert measured == pytest.approx(activation_bytes_per_token_layer(one) + split_copy, rel=0.01)
+    if not packed:  # outside the blocks: per-token tensors and the fused loss's fp32 head grad
+        outside = saved(one, T) - activation_bytes_per_token_layer(one) * T
+        head_grad = 4 * one.vocab_size * one.d_model
+        assert outside == pytest.approx(head_bytes_per_token(one) * T + head_grad, rel=0.01)
+        assert logit_bytes(one, T, 0) - LOGIT_BYTES * T * one.vocab_size == head_grad
     assert activation_bytes(three, T) > activation_bytes(three, T, "full")
 
 

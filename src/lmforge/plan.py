@@ -82,9 +82,10 @@ def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
 
 
 def head_bytes_per_token(cfg: ModelConfig) -> int:
-    """The final RMSNorm's saved tensors (6·d), the bf16 hidden state the loss reads (2·d) and
-    its gradient, which the fused loss computes in the forward (2·d)."""
-    return 10 * cfg.d_model
+    """Saved outside the blocks: the token ids the embedding's backward keeps (8), the final
+    RMSNorm's input (2·d) and 1/rms (4), and the hidden state's gradient, which the fused loss
+    computes in the forward and keeps for the backward (2·d)."""
+    return 4 * cfg.d_model + 12
 
 
 def checkpointed_layers(cfg: ModelConfig, mode: Checkpointing, every: int) -> int:
@@ -111,9 +112,11 @@ def activation_bytes(
 
 
 def logit_bytes(cfg: ModelConfig, tokens: int, chunk_tokens: int) -> int:
-    """The one cross-entropy chunk whose logits exist at a time (LOGIT_BYTES per logit)."""
+    """The loss's own memory: the one cross-entropy chunk whose logits exist at a time
+    (LOGIT_BYTES per logit), and the fp32 head-weight gradient that the fused loss computes in
+    the forward and keeps until the backward (4·V·d, whole: it is the gathered weight's)."""
     live = tokens if chunk_tokens <= 0 else min(tokens, chunk_tokens)
-    return LOGIT_BYTES * live * cfg.vocab_size
+    return LOGIT_BYTES * live * cfg.vocab_size + 4 * cfg.vocab_size * cfg.d_model
 
 
 def block_params(cfg: ModelConfig) -> int:
@@ -369,7 +372,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
         )  # fmt: skip
     memory = _table(
         ["stage", "fp32 params+grads+AdamW", "gathered bf16", "activations (no AC)",
-         "activations (full AC)", "logits (chunked CE)", f"total (AC: {mode})",
+         "activations (full AC)", "loss (logit chunk, head grad)", f"total (AC: {mode})",
          f"fits {plan.memory_gb:g} GB"],
         mem_rows,
     )  # fmt: skip
