@@ -215,3 +215,39 @@ def test_serve_compile_reaches_every_requests_generate_config(assistant: SlowAss
             body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
             assert http.post("/v1/completions", json=body).status_code == 200
         assert seen[-1].compile is compile
+
+
+def test_n_completions_come_from_one_batch(client: openai.OpenAI, assistant: Assistant) -> None:
+    """n > 1 (ignored before: extra fields are dropped) returns n choices: greedy ones equal the
+    single reply, stop strings cut each as they cut one, sampled ones are Assistant.complete's."""
+    kwargs = {"model": "tiny", "prompt": "The river", "temperature": 0, "max_tokens": 10}
+    single = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    three = client.completions.create(**kwargs, n=3)  # type: ignore[call-overload]
+    assert [c.text for c in three.choices] == [single.choices[0].text] * 3
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert three.usage.completion_tokens == 3 * single.usage.completion_tokens
+    stop = single.choices[0].text[2:4]
+    cut = client.completions.create(**kwargs, stop=[stop])  # type: ignore[call-overload]
+    cut2 = client.completions.create(**kwargs, stop=[stop], n=2)  # type: ignore[call-overload]
+    assert [c.text for c in cut2.choices] == [cut.choices[0].text] * 2
+    assert [c.finish_reason for c in cut2.choices] == [cut.choices[0].finish_reason] * 2
+    assert cut2.usage.completion_tokens == 2 * cut.usage.completion_tokens
+
+    sampled = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        temperature=1.0,
+        seed=3,
+        max_tokens=8,
+        n=4,  # type: ignore[arg-type]
+    )
+    prompt = assistant.chat_prompt([Message(m["role"], m["content"]) for m in MESSAGES])  # type: ignore[arg-type]
+    gen = GenerateConfig(max_new_tokens=8, temperature=1.0, top_k=None, top_p=1.0, seed=3)
+    expected = assistant.complete(prompt, gen, 4)
+    assert [c.message.content for c in sampled.choices] == [text for text, _ in expected]
+    assert [c.finish_reason for c in sampled.choices] == [r.finish_reason for _, r in expected]
+
+    with pytest.raises(openai.BadRequestError, match="not streamed"):
+        client.completions.create(model="tiny", prompt="hi", n=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="n 9 > this server's 8"):
+        client.completions.create(model="tiny", prompt="hi", n=9)

@@ -19,7 +19,7 @@ from lmforge.checkpoint import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.export import import_hf
-from lmforge.generate import GenerateConfig, generate_stream
+from lmforge.generate import GenerateConfig, generate_samples, generate_stream
 from lmforge.model.llama import Llama
 
 
@@ -87,9 +87,25 @@ class Assistant:
         stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Text pieces of the reply as they are sampled; `reply` is filled in as it goes."""
+        tokens = generate_stream(self.model, prompt_ids, cfg, self.stop_ids)
+        return self._pieces(tokens, reply, stop)
+
+    def complete(
+        self, prompt_ids: list[int], cfg: GenerateConfig, n: int, stop: Sequence[str] = ()
+    ) -> list[tuple[str, Reply]]:
+        """n whole replies to one prompt and what each came to, sampled as one batch
+        (`generate_samples`) and cut at stop ids and strings as `stream` cuts one."""
+        replies = []
+        for sample in generate_samples(self.model, prompt_ids, n, cfg, self.stop_ids):
+            reply = Reply(prompt_tokens=len(prompt_ids))
+            replies.append(("".join(self._pieces(iter(sample), reply, stop)), reply))
+        return replies
+
+    def _pieces(self, tokens: Iterator[int], reply: Reply, stop: Sequence[str]) -> Iterator[str]:
+        """Text pieces of the reply as tokens arrive, up to a stop id or stop string."""
         ids: list[int] = []
         sent = ""
-        for token in generate_stream(self.model, prompt_ids, cfg, self.stop_ids):
+        for token in tokens:
             if token in self.stop_ids:
                 reply.finish_reason = "stop"
                 break

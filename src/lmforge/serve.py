@@ -43,6 +43,8 @@ class ServeConfig:
     compile: bool = False
     """torch.compile the decode step (`generate.compile`): the first request waits for the
     compile, every later token is faster."""
+    max_samples: int = 8
+    """Most completions one request may ask for (`n`); they are sampled as one batch."""
 
 
 class APIError(HTTPException):
@@ -66,6 +68,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    n: int = Field(default=1, ge=1)
 
 
 class CompletionRequest(_Sampling):
@@ -193,6 +196,14 @@ def _respond(
             f"max_tokens {max_tokens} > this server's {cfg.max_tokens}",
             "invalid_request_error",
         )
+    if req.n > cfg.max_samples:
+        raise APIError(
+            400, f"n {req.n} > this server's {cfg.max_samples}", "invalid_request_error", "n"
+        )
+    if req.n > 1 and req.stream:
+        raise APIError(
+            400, "n > 1 is not streamed; ask without stream", "invalid_request_error", "n"
+        )
     room = assistant.context_len - len(prompt)
     if room < 1:
         raise APIError(
@@ -216,10 +227,13 @@ def _respond(
     held = Held(slots)
     if not req.stream:
         try:
-            text = "".join(assistant.stream(prompt, gen, reply, stop))
+            if req.n == 1:
+                choices = [("".join(assistant.stream(prompt, gen, reply, stop)), reply)]
+            else:
+                choices = assistant.complete(prompt, gen, req.n, stop)
         finally:
             held.release()
-        return _body(kind, rid, req.model, text, reply, final=True)
+        return _body(kind, rid, req.model, choices, final=True)
 
     def events() -> Iterator[str]:
         try:
@@ -229,11 +243,11 @@ def _respond(
                 if kind == "chat.completion":
                     yield _sse(_chunk(rid, req.model, {"content": piece}, None))
                 else:
-                    yield _sse(_body(kind, rid, req.model, piece, reply, final=False))
+                    yield _sse(_body(kind, rid, req.model, [(piece, reply)], final=False))
             if kind == "chat.completion":
                 yield _sse(_chunk(rid, req.model, {}, reply.finish_reason))
             else:
-                yield _sse(_body(kind, rid, req.model, "", reply, final=True))
+                yield _sse(_body(kind, rid, req.model, [("", reply)], final=True))
             yield "data: [DONE]\n\n"
         finally:
             held.release()
@@ -241,28 +255,32 @@ def _respond(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _body(kind: str, rid: str, model: str, text: str, reply: Reply, final: bool) -> dict[str, Any]:
-    finish = reply.finish_reason if final else None
-    if kind == "chat.completion":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+def _body(
+    kind: str, rid: str, model: str, choices: list[tuple[str, Reply]], final: bool
+) -> dict[str, Any]:
+    """A response (or, not final, a stream chunk) with one choice per (text, reply)."""
+    listed = []
+    for index, (text, reply) in enumerate(choices):
+        finish = reply.finish_reason if final else None
+        if kind == "chat.completion":
+            message = {"role": "assistant", "content": text}
+            listed.append({"index": index, "message": message, "finish_reason": finish})
+        else:
+            listed.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
     body: dict[str, Any] = {
         "id": rid,
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": listed,
     }
     if final:
+        prompt_tokens = choices[0][1].prompt_tokens
+        completion_tokens = sum(reply.completion_tokens for _, reply in choices)
         body["usage"] = {
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         }
     return body
 
