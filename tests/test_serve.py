@@ -235,11 +235,11 @@ def test_n_completions_come_from_one_batch(client: openai.OpenAI, assistant: Ass
 
     sampled = client.chat.completions.create(
         model="tiny",
-        messages=MESSAGES,
+        messages=MESSAGES,  # type: ignore[arg-type]
         temperature=1.0,
         seed=3,
         max_tokens=8,
-        n=4,  # type: ignore[arg-type]
+        n=4,
     )
     prompt = assistant.chat_prompt([Message(m["role"], m["content"]) for m in MESSAGES])  # type: ignore[arg-type]
     gen = GenerateConfig(max_new_tokens=8, temperature=1.0, top_k=None, top_p=1.0, seed=3)
