@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lmforge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from lmforge.jsonl import json_lines
 
 Role = Literal["system", "user", "assistant"]
 
@@ -197,13 +198,8 @@ def read_chat_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}[{i}]", record
     else:
         with path.open("rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield f"{path}:{line_no}", json.loads(raw.decode("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ChatFormatError(f"{path}:{line_no}: not valid JSON ({e})") from None
+            for line_no, record in json_lines(f, path, ChatFormatError):
+                yield f"{path}:{line_no}", record
 
 
 def _hf_records(spec: str) -> Iterator[tuple[str, Any]]:

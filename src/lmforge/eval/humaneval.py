@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from lmforge.eval.sandbox import SandboxLimits, SandboxResult, run_sandboxed
+from lmforge.jsonl import json_lines
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,7 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
     path = _packaged_problems() if path is None else Path(path)
     problems = []
     with _open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        for line_no, record in json_lines(f, path):
             missing = [key for key in _FIELDS if not isinstance(record.get(key), str)]
             if missing:
                 raise ValueError(f"{path}:{line_no}: missing string field(s) {', '.join(missing)}")

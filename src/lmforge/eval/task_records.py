@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.jsonl import json_lines
+
 Doc = dict[str, Any]
 Kind = Literal[
     "arc", "boolq", "copa", "hellaswag", "openbookqa", "piqa", "sciq", "winogrande", "mmlu",
@@ -38,13 +40,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Doc]]:
         records = json.loads(text)
         yield from ((f"{path}:[{i}]", r) for i, r in enumerate(records))
         return
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{path}:{i}: not a JSON record ({e.msg})") from e
+    for i, record in json_lines(text.splitlines(), path, TaskFormatError):
         yield f"{path}:{i}", record
 
 
