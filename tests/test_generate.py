@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -10,11 +10,13 @@ import torch
 from lmforge.generate import (
     GenerateConfig,
     generate,
+    generate_batch,
     generate_samples,
     generate_text,
     generate_texts,
     sample_next,
 )
+from lmforge.model.attention import KVCache
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 
@@ -200,3 +202,76 @@ def test_generate_texts_drops_eos_and_checks_n(model: Llama) -> None:
     assert generate_samples(model, PROMPT, 2, GenerateConfig(max_new_tokens=0)) == [[], []]
     with pytest.raises(ValueError, match="n must be >= 1"):
         generate_samples(model, PROMPT, 0, GREEDY)
+
+
+PROMPTS = [[5, 17, 3, 42, 8, 9, 11], [7], [30, 2, 2, 61], [5, 17, 3, 42, 8]]
+"""Different lengths: every row but the first is left-padded."""
+
+
+def test_left_padded_rows_compute_what_each_prompt_computes_alone(model: Llama) -> None:
+    """Prefill and decode steps of a padded batch: each row's logits equal its prompt run
+    alone, so the padding is invisible (masked, and positions start at the row's own first
+    token). A NaN from a pad query seeing nothing would reach the real rows here."""
+    longest = max(map(len, PROMPTS))
+    starts = torch.tensor([longest - len(p) for p in PROMPTS])
+    padded = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    steps = torch.tensor([[3, 4], [9, 1], [60, 60], [0, 2]])  # two more tokens per row
+    with torch.no_grad():
+        cache = KVCache(model.cfg, len(PROMPTS), longest + 2, "cpu", torch.float32, starts)
+        batch = [model(padded, cache=cache)[:, -1]]
+        batch += [model(steps[:, i : i + 1], cache=cache)[:, -1] for i in range(2)]
+        for row, prompt in enumerate(PROMPTS):
+            alone = model(torch.tensor([prompt + steps[row].tolist()]))[0, len(prompt) - 1 :]
+            for i in range(3):
+                torch.testing.assert_close(batch[i][row], alone[i], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_rows_equal_generate_alone_greedy_and_sampled(model: Llama) -> None:
+    """Row i is `generate` of prompt i with seed + i, greedy or sampled, with a stop id that
+    ends some rows early (they leave the batch; the others' draws do not change)."""
+    assert generate_batch(model, PROMPTS, GREEDY) == [generate(model, p, GREEDY) for p in PROMPTS]
+    cfg = GenerateConfig(max_new_tokens=10, temperature=1.2, top_k=8, top_p=0.9, seed=4)
+    alone = [generate(model, p, replace(cfg, seed=4 + i)) for i, p in enumerate(PROMPTS)]
+    assert generate_batch(model, PROMPTS, cfg) == alone
+    stop = alone[1][2]
+    stopped = generate_batch(model, PROMPTS, cfg, stop_ids=(stop,))
+    assert stopped == [
+        generate(model, p, replace(cfg, seed=4 + i), {stop}) for i, p in enumerate(PROMPTS)
+    ]
+    assert len(stopped[1]) == 3
+
+
+def test_finished_ends_only_its_row(model: Llama) -> None:
+    free = generate_batch(model, PROMPTS, GREEDY)
+    seen: list[tuple[int, int]] = []
+
+    def finished(row: int, ids: list[int]) -> bool:
+        seen.append((row, len(ids)))
+        return row == 2 and len(ids) == 4
+
+    cut = generate_batch(model, PROMPTS, GREEDY, finished=finished)
+    assert cut == [free[0], free[1], free[2][:4], free[3]]
+    assert (2, 5) not in seen and (3, 12) in seen  # row 2 got no token after it finished
+
+
+def test_generate_batch_edge_cases(model: Llama) -> None:
+    assert generate_batch(model, [], GREEDY) == []
+    assert generate_batch(model, PROMPTS, GenerateConfig(max_new_tokens=0)) == [[]] * 4
+    same = [PROMPT, PROMPT]  # no padding: the cache is left without starts
+    assert generate_batch(model, same, GREEDY) == [generate(model, PROMPT, GREEDY)] * 2
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        generate_batch(model, [PROMPT, []], GREEDY)
+
+
+def test_generate_texts_of_several_prompts_stop_at_stop_texts(model: Llama) -> None:
+    tok = ToyTokenizer()
+    prompts = ["ABC", "Q", "HELLO"]
+    texts = generate_texts(model, tok, prompts, 1, GREEDY)
+    assert texts == [generate_text(model, tok, p, GREEDY) for p in prompts]
+    stop = texts[0][3:5]  # two characters that end row 0 after its 5th token
+    stopped = generate_texts(model, tok, prompts, 1, GREEDY, stop_texts=[stop])
+    for full, cut in zip(texts, stopped, strict=True):
+        end = full.find(stop)
+        assert cut == (full if end < 0 else full[: end + len(stop)])
+    with pytest.raises(ValueError, match="need one prompt"):
+        generate_texts(model, tok, prompts, 2, GREEDY)

@@ -19,7 +19,7 @@ from lmforge.checkpoint import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.export import import_hf
-from lmforge.generate import GenerateConfig, generate_samples, generate_stream
+from lmforge.generate import GenerateConfig, generate_samples, generate_stream, stop_text_check
 from lmforge.model.llama import Llama
 
 
@@ -94,9 +94,11 @@ class Assistant:
         self, prompt_ids: list[int], cfg: GenerateConfig, n: int, stop: Sequence[str] = ()
     ) -> list[tuple[str, Reply]]:
         """n whole replies to one prompt and what each came to, sampled as one batch
-        (`generate_samples`) and cut at stop ids and strings as `stream` cuts one."""
+        (`generate_samples`) and cut at stop ids and strings as `stream` cuts one; a sample
+        stops decoding once its text holds a stop string."""
         replies = []
-        for sample in generate_samples(self.model, prompt_ids, n, cfg, self.stop_ids):
+        finished = stop_text_check(self.tokenizer, [s for s in stop if s]) if any(stop) else None
+        for sample in generate_samples(self.model, prompt_ids, n, cfg, self.stop_ids, finished):
             reply = Reply(prompt_tokens=len(prompt_ids))
             replies.append(("".join(self._pieces(iter(sample), reply, stop)), reply))
         return replies

@@ -1,15 +1,18 @@
 """Text generation: pick the next token (greedy, temperature, top-k, top-p), decode with a KV cache.
 
-One prompt at a time: prefill the prompt in one forward pass, then feed one token per step.
-Several samples of one prompt (HumanEval's pass@k) decode together: the prompt is prefilled
-once, and each step multiplies the weights by all samples' tokens at once.
+One prompt: prefill the prompt in one forward pass, then feed one token per step. Several
+sequences decode as one batch, so each step reads the weights once for all of them: n samples
+of one prompt (HumanEval's pass@k; the prompt is prefilled once) or one continuation of each of
+several prompts (left-padded). Each row samples with its own generator, so what a row draws
+does not depend on its batch: row i equals `generate` with seed cfg.seed + i.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +88,16 @@ def _top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _filtered_probs(logits: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
+    """Probabilities (B, V) after temperature, top-k, then top-p (cfg.temperature > 0)."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None:
+        logits = _top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = _top_p_filter(logits, cfg.top_p)
+    return logits.softmax(dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -94,13 +107,23 @@ def sample_next(
     """
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k is not None:
-        logits = _top_k_filter(logits, cfg.top_k)
-    if cfg.top_p is not None and cfg.top_p < 1:
-        logits = _top_p_filter(logits, cfg.top_p)
-    probs = logits.softmax(dim=-1)
+    probs = _filtered_probs(logits, cfg)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def sample_rows(
+    logits: torch.Tensor, cfg: GenerateConfig, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """`sample_next` with one generator per row: a row draws what it would draw alone, whatever
+    the other rows of the batch are (or whether they are still there)."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = _filtered_probs(logits, cfg)
+    draws = [
+        torch.multinomial(probs[i : i + 1], num_samples=1, generator=g)
+        for i, g in enumerate(generators)
+    ]
+    return torch.cat(draws).squeeze(-1)
 
 
 def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -137,16 +160,13 @@ def generate_stream(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """`generate`, one token id at a time as each is sampled (chat and server stream them)."""
-    if not prompt_ids:
-        raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
+    _check_prompts([prompt_ids])
     if cfg.max_new_tokens == 0:
         return
     param = next(model.parameters())
     if generator is None:
         generator = torch.Generator(device=param.device).manual_seed(cfg.seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         cache = KVCache(
             model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, param.device, param.dtype
         )
@@ -159,8 +179,11 @@ def generate_stream(
             if int(token.item()) in stop_ids or not left:
                 break
             logits = step(model, token.view(1, 1), cache)
-    finally:
-        model.train(was_training)
+
+
+Finished = Callable[[int, list[int]], bool]
+"""finished(row, new_ids) -> True once that row should stop (e.g. its text reached a stop
+string); called after every token a row gets, before the next step."""
 
 
 @torch.inference_mode()
@@ -170,28 +193,21 @@ def generate_samples(
     n: int,
     cfg: GenerateConfig,
     stop_ids: Collection[int] = (),
-    generator: torch.Generator | None = None,
+    finished: Finished | None = None,
 ) -> list[list[int]]:
-    """n samples of new token ids after one prompt, as `generate` makes one, decoded as a batch.
+    """n samples of new token ids after one prompt, decoded as a batch: sample i is what
+    `generate` draws with seed cfg.seed + i (up to the rounding of batched products).
 
     The prompt is prefilled once and its keys/values copied to n cache rows. Each step then
     reads the weights once for n tokens, where n `generate` calls read them n times: 3.8x the
-    tokens per second at n = 10 on a 2-core CPU (benchmarks/sample_throughput.py). A sample ends at
-    its first stop id; the batch runs until every sample has ended or max_new_tokens.
-    """
+    tokens per second at n = 10 on a 2-core CPU (benchmarks/sample_throughput.py)."""
     if n < 1:
         raise ValueError(f"generate_samples: n must be >= 1, got {n}")
-    if not prompt_ids:
-        raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
+    _check_prompts([prompt_ids])
     if cfg.max_new_tokens == 0:
         return [[] for _ in range(n)]
     param = next(model.parameters())
-    if generator is None:
-        generator = torch.Generator(device=param.device).manual_seed(cfg.seed)
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=param.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         max_len = len(prompt_ids) + cfg.max_new_tokens
         prompt = KVCache(model.cfg, 1, max_len, param.device, param.dtype)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
@@ -201,26 +217,104 @@ def generate_samples(
         cache.v[..., : prompt.length, :] = prompt.v[..., : prompt.length, :]
         cache.length = prompt.length
         del prompt
-        step = _compiled_last_logits() if cfg.compile else _last_logits
-        tokens, ended = [], torch.zeros(n, dtype=torch.bool, device=param.device)
-        for left in reversed(range(cfg.max_new_tokens)):
-            token = sample_next(logits, cfg, generator)  # (n,)
-            tokens.append(token)
-            ended |= torch.isin(token, stops)
-            if not left or bool(ended.all()):
-                break
-            logits = step(model, token[:, None], cache)
+        return _decode(
+            model, logits, cache, cfg, _row_generators(cfg, n, param.device), stop_ids, finished
+        )
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Llama,
+    prompts: Sequence[list[int]],
+    cfg: GenerateConfig,
+    stop_ids: Collection[int] = (),
+    finished: Finished | None = None,
+) -> list[list[int]]:
+    """New token ids after each of several prompts, decoded as one batch: row i is what
+    `generate` makes of prompts[i] with seed cfg.seed + i (up to the rounding of batched
+    products).
+
+    The prompts are left-padded to the longest and prefilled in one forward pass; the padding
+    is masked and each row's positions start at its own first token (`KVCache.starts`). Each
+    step reads the weights once for all rows; a row that ends leaves the batch. Callers with
+    many prompts batch those of similar length together: the padding is computed, then
+    discarded."""
+    if not prompts:
+        return []
+    _check_prompts(prompts)
+    if cfg.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    param = next(model.parameters())
+    longest = max(len(p) for p in prompts)
+    padded = [[0] * (longest - len(p)) + list(p) for p in prompts]
+    starts = torch.tensor([longest - len(p) for p in prompts], device=param.device)
+    with _eval_mode(model):
+        cache = KVCache(
+            model.cfg,
+            len(prompts),
+            longest + cfg.max_new_tokens,
+            param.device,
+            param.dtype,
+            starts=starts if bool(starts.any()) else None,  # None keeps the mask-free kernels
+        )
+        ids = torch.tensor(padded, dtype=torch.long, device=param.device)
+        logits = _last_logits(model, ids, cache)  # every row's prompt ends at the last column
+        generators = _row_generators(cfg, len(prompts), param.device)
+        return _decode(model, logits, cache, cfg, generators, stop_ids, finished)
+
+
+def _decode(
+    model: Llama,
+    logits: torch.Tensor,
+    cache: KVCache,
+    cfg: GenerateConfig,
+    generators: list[torch.Generator],
+    stop_ids: Collection[int],
+    finished: Finished | None,
+) -> list[list[int]]:
+    """Sample after each row's prefilled prompt (logits (B, V) of its last token) until its
+    first stop id, `finished`, or cfg.max_new_tokens. Rows that end leave the batch and the
+    cache, so later steps compute only the rows still going."""
+    stops = set(stop_ids)
+    out: list[list[int]] = [[] for _ in generators]
+    rows = list(range(len(generators)))  # batch row -> index into out
+    step = _compiled_last_logits() if cfg.compile else _last_logits
+    for left in reversed(range(cfg.max_new_tokens)):  # tokens allowed after this one
+        tokens = sample_rows(logits, cfg, [generators[r] for r in rows])  # (B,)
+        live = []
+        for i, token in enumerate(tokens.tolist()):
+            new = out[rows[i]]
+            new.append(token)
+            if token not in stops and not (finished is not None and finished(rows[i], new)):
+                live.append(i)
+        if not left or not live:
+            break
+        if len(live) < len(rows):
+            keep = torch.tensor(live, device=tokens.device)
+            cache.keep(keep)
+            tokens, rows = tokens[keep], [rows[i] for i in live]
+        logits = step(model, tokens[:, None], cache)
+    return out
+
+
+def _row_generators(cfg: GenerateConfig, n: int, device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(n)]
+
+
+def _check_prompts(prompts: Sequence[list[int]]) -> None:
+    if any(not p for p in prompts):
+        raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Llama) -> Iterator[None]:
+    """The model in eval mode for the block (no dropout), then back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    samples = torch.stack(tokens, dim=1).tolist()  # (n, steps)
-    return [_cut_after_stop(sample, stop_ids) for sample in samples]
-
-
-def _cut_after_stop(ids: list[int], stop_ids: Collection[int]) -> list[int]:
-    for i, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[: i + 1]
-    return ids
 
 
 def generate_text(
@@ -241,12 +335,33 @@ def generate_text(
 def generate_texts(
     model: Llama,
     tokenizer: TokenizerLike,
-    prompt: str,
-    n: int,
-    cfg: GenerateConfig,
-    generator: torch.Generator | None = None,
+    prompts: str | Sequence[str],
+    n: int = 1,
+    cfg: GenerateConfig | None = None,
+    stop_texts: Sequence[str] = (),
 ) -> list[str]:
-    """n continuations of one prompt, as `generate_text` makes one, decoded as a batch."""
-    prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    samples = generate_samples(model, prompt_ids, n, cfg, (tokenizer.eos_id,), generator)
-    return [tokenizer.decode(s[:-1] if s and s[-1] == tokenizer.eos_id else s) for s in samples]
+    """`generate_text` as one batch: n samples of one prompt (`generate_samples`), or one
+    continuation of each of several prompts (`generate_batch`, n = 1). A row also ends once
+    its text contains one of stop_texts (the text is returned whole: callers cut it)."""
+    cfg = cfg or GenerateConfig()
+    eos = tokenizer.eos_id
+    finished = stop_text_check(tokenizer, stop_texts) if stop_texts else None
+    if isinstance(prompts, str):
+        prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompts)]
+        new = generate_samples(model, prompt_ids, n, cfg, (eos,), finished)
+    elif n == 1:
+        batch = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+        new = generate_batch(model, batch, cfg, (eos,), finished)
+    else:
+        raise ValueError(f"generate_texts: n = {n} samples need one prompt, got {len(prompts)}")
+    return [tokenizer.decode(s[:-1] if s and s[-1] == eos else s) for s in new]
+
+
+def stop_text_check(tokenizer: TokenizerLike, stop_texts: Sequence[str]) -> Finished:
+    """finished(row, ids): the text decoded so far contains a stop text."""
+
+    def finished(row: int, ids: list[int]) -> bool:
+        text = tokenizer.decode(ids)
+        return any(t in text for t in stop_texts)
+
+    return finished

@@ -79,15 +79,19 @@ def test_greedy_generation_equals_lm_evals_hf_model(trained: tuple[Path, Path]) 
     from lmforge.eval.harness import LmforgeLM
 
     checkpoint, hf = trained
-    ours = LmforgeLM(checkpoint=str(checkpoint))
     theirs = HFLM(
         pretrained=str(hf), add_bos_token=True, dtype="float32", batch_size=1, device="cpu"
     )
     args = [("def main(", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})]
     args += [("The ", {"until": ["."], "max_gen_toks": 12})]
-    assert ours.generate_until(_instances("generate_until", args)) == theirs.generate_until(
-        _instances("generate_until", args)
-    )
+    args += [(context, {"until": ["\n", "。"], "max_gen_toks": 16}) for context, _ in REQUESTS[:5]]
+    args += [("中国", {"until": "人", "max_gen_toks": 6})]
+    expected = theirs.generate_until(_instances("generate_until", args))
+    for batch_size in (1, 4):  # batches: left-padded contexts of different lengths
+        ours = LmforgeLM(checkpoint=str(checkpoint), batch_size=batch_size)
+        assert ours.generate_until(_instances("generate_until", args)) == expected
+    with pytest.raises(ValueError, match="batch_size: a positive integer or 'auto', got 'x'"):
+        LmforgeLM(checkpoint=str(checkpoint), batch_size="x")
 
 
 EVAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"

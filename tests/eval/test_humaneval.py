@@ -161,7 +161,11 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(problems: list[Problem]) -
 def test_every_shared_canonical_solution_passes(problems: list[Problem]) -> None:
     solutions = {p.prompt: p.canonical_solution for p in problems}
     result = evaluate_humaneval(
-        lambda prompt, n: [solutions[prompt]] * n, problems, limits=LIMITS, workers=2
+        lambda prompts, n: [[solutions[p]] * n for p in prompts],
+        problems,
+        limits=LIMITS,
+        workers=2,
+        batch=8,
     )
     assert [task for task, r in result["problems"].items() if r["passed"] != 1] == []
     assert result["pass@1"] == 1.0
@@ -170,15 +174,16 @@ def test_every_shared_canonical_solution_passes(problems: list[Problem]) -> None
 def test_evaluate_scores_half_right_as_pass_at_1_of_a_half(problems: list[Problem]) -> None:
     chosen = problems[:6]
     right = {p.prompt: p.canonical_solution for p in chosen[::2]}
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[list[str], int]] = []
 
-    def generate(prompt: str, n: int) -> list[str]:
-        calls.append((prompt, n))
+    def generate(prompts: list[str], n: int) -> list[list[str]]:
+        calls.append((prompts, n))
         # the stop sequence cuts the trailing junk off the right answers
-        return [right.get(prompt, GARBAGE) + "\n\ndef junk(:\n"] * n
+        return [[right.get(p, GARBAGE) + "\n\ndef junk(:\n"] * n for p in prompts]
 
-    result = evaluate_humaneval(generate, chosen, n_samples=2, ks=(1, 2, 5), limits=LIMITS)
-    assert calls == [(p.prompt, 2) for p in chosen]
+    result = evaluate_humaneval(generate, chosen, n_samples=2, ks=(1, 2, 5), limits=LIMITS, batch=4)
+    by_length = [p.prompt for p in sorted(chosen, key=lambda p: len(p.prompt))]
+    assert calls == [(by_length[:4], 2), (by_length[4:], 2)]  # similar lengths batched
     assert result["pass@1"] == 0.5
     assert result["pass@2"] == 0.5
     assert "pass@5" not in result  # more than n_samples: skipped
@@ -193,7 +198,7 @@ def test_evaluate_mixed_samples_per_problem() -> None:
     toy = Problem(**_record())
     answers = ["    return a + b\n", "    return a - b\n", "    while True: pass\n"]
     result = evaluate_humaneval(
-        lambda prompt, n: answers,
+        lambda prompts, n: [answers],
         [toy],
         n_samples=3,
         ks=(1, 2, 3),
@@ -208,5 +213,7 @@ def test_evaluate_mixed_samples_per_problem() -> None:
 
 def test_evaluate_rejects_the_wrong_number_of_completions() -> None:
     toy = Problem(**_record())
-    with pytest.raises(ValueError, match="returned 1 completions for Toy/0, expected 2"):
-        evaluate_humaneval(lambda prompt, n: ["    return a + b\n"], [toy], n_samples=2)
+    with pytest.raises(ValueError, match=r"returned \[1\] completions for \['Toy/0'\], expected 2"):
+        evaluate_humaneval(lambda prompts, n: [["    return a + b\n"]], [toy], n_samples=2)
+    with pytest.raises(ValueError, match="batch and ks must be >= 1"):
+        evaluate_humaneval(lambda prompts, n: [], [toy], batch=0)

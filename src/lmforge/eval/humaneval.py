@@ -2,7 +2,7 @@
 
 Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv:2107.03374. A
 completion passes when prompt + completion + the problem's `check(entry_point)` exits cleanly.
-The model stays outside: `evaluate_humaneval` takes any `generate(prompt, n)` callable.
+The model stays outside: `evaluate_humaneval` takes any `generate(prompts, n)` callable.
 """
 
 from __future__ import annotations
@@ -126,30 +126,35 @@ def _progress(total: int) -> tqdm:
 
 
 def evaluate_humaneval(
-    generate: Callable[[str, int], list[str]],
+    generate: Callable[[list[str], int], list[list[str]]],
     problems: Sequence[Problem],
     n_samples: int = 1,
     ks: tuple[int, ...] = (1,),
     limits: SandboxLimits | None = None,
     workers: int | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """pass@k for each k in ks (those above n_samples are skipped), and per-problem counts.
 
-    generate(prompt, n) returns n completions (the text after the prompt). Each is cut at the
-    first stop sequence and run against the problem's tests in its own sandbox; a pool of
-    `workers` threads (default: one per CPU) runs them while later problems are generated.
-    Returns {"pass@1": ..., "num_problems", "n_samples", "problems": {task_id: {"passed",
-    "statuses"}}}.
+    generate(prompts, n) returns n completions (the text after the prompt) for each prompt; it
+    gets `batch` problems per call, similar prompt lengths together (a model decodes them as
+    one batch). Each completion is cut at the first stop sequence and run against the
+    problem's tests in its own sandbox; a pool of `workers` threads (default: one per CPU)
+    runs them while later problems are generated. Returns {"pass@1": ..., "num_problems",
+    "n_samples", "problems": {task_id: {"passed", "statuses"}}}.
     """
     if not problems:
         raise ValueError("humaneval: no problems to evaluate")
-    if n_samples < 1 or any(k < 1 for k in ks):
-        raise ValueError(f"humaneval: n_samples and ks must be >= 1, got {n_samples} and {ks}")
+    if n_samples < 1 or batch < 1 or any(k < 1 for k in ks):
+        raise ValueError(
+            f"humaneval: n_samples, batch and ks must be >= 1, got {n_samples}, {batch}, {ks}"
+        )
     skipped = [k for k in ks if k > n_samples]
     if skipped:
         log.warning("humaneval: skipping pass@%s: only %d samples per problem", skipped, n_samples)
     limits = limits or SandboxLimits()
-    runs: dict[str, list[Future[SandboxResult]]] = {}
+    by_length = sorted(problems, key=lambda p: len(p.prompt))
+    runs: dict[str, list[Future[SandboxResult]]] = {p.task_id: [] for p in problems}
     lock = threading.Lock()
     with (
         ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool,
@@ -160,18 +165,22 @@ def evaluate_humaneval(
             with lock:
                 bar.update()
 
-        for problem in problems:
-            completions = generate(problem.prompt, n_samples)
-            if len(completions) != n_samples:
+        for at in range(0, len(by_length), batch):
+            chosen = by_length[at : at + batch]
+            completions = generate([p.prompt for p in chosen], n_samples)
+            counts = [len(c) for c in completions]
+            if counts != [n_samples] * len(chosen):
                 raise ValueError(
-                    f"humaneval: generate returned {len(completions)} completions for "
-                    f"{problem.task_id}, expected {n_samples}"
+                    f"humaneval: generate returned {counts} completions for "
+                    f"{[p.task_id for p in chosen]}, expected {n_samples} each"
                 )
-            runs[problem.task_id] = []
-            for completion in completions:
-                run = pool.submit(check_completion, problem, truncate_at_stop(completion), limits)
-                run.add_done_callback(advance)
-                runs[problem.task_id].append(run)
+            for problem, samples in zip(chosen, completions, strict=True):
+                for completion in samples:
+                    run = pool.submit(
+                        check_completion, problem, truncate_at_stop(completion), limits
+                    )
+                    run.add_done_callback(advance)
+                    runs[problem.task_id].append(run)
         statuses = {
             task: Counter(run.result().status for run in done) for task, done in runs.items()
         }

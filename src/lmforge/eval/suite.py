@@ -11,16 +11,18 @@ from typing import Any
 import torch
 
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.eval.humaneval import evaluate_humaneval, load_problems
+from lmforge.eval.humaneval import STOP_SEQUENCES, evaluate_humaneval, load_problems
 from lmforge.eval.multiple_choice import LoglikelihoodScorer, mc_metrics
 from lmforge.eval.tasks import load_task, task_spec
-from lmforge.generate import GenerateConfig, generate_text, generate_texts
+from lmforge.generate import GenerateConfig, generate_texts
 from lmforge.model.llama import Llama
 
 COMMONSENSE: tuple[str, ...] = ("arc_easy", "arc_challenge", "boolq", "copa", "hellaswag")
 COMMONSENSE += ("openbookqa", "piqa", "sciq", "winogrande")
 KNOWLEDGE = ("mmlu", "cmmlu", "ceval")
 """The reports' groups: their tables average accuracy over the tasks of a group."""
+HUMANEVAL_BATCH = 8
+"""Problems decoded as one batch in greedy HumanEval (benchmarks/RESULTS.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,13 +102,17 @@ def _humaneval(model: Llama, tokenizer: TextTokenizer, cfg: SuiteConfig) -> dict
     greedy = cfg.samples == 1
     gen = GenerateConfig(max_new_tokens=128, temperature=0.0 if greedy else cfg.temperature)
 
-    def complete(prompt: str, n: int) -> list[str]:
+    def complete(prompts: list[str], n: int) -> list[list[str]]:
+        """One batch: greedy, one completion of each prompt (n copies); else n samples of one."""
         if greedy:
-            return [generate_text(model, tokenizer, prompt, gen)] * n
-        return generate_texts(model, tokenizer, prompt, n, gen)  # one batch of n samples
+            texts = generate_texts(model, tokenizer, prompts, 1, gen, STOP_SEQUENCES)
+            return [[text] * n for text in texts]
+        return [generate_texts(model, tokenizer, p, n, gen, STOP_SEQUENCES) for p in prompts]
 
     ks = tuple(k for k in (1, 10, 100) if k <= cfg.samples)
-    result = evaluate_humaneval(complete, problems, n_samples=cfg.samples, ks=ks)
+    result = evaluate_humaneval(
+        complete, problems, n_samples=cfg.samples, ks=ks, batch=HUMANEVAL_BATCH if greedy else 1
+    )
     return {f"pass@{k}": result[f"pass@{k}"] for k in ks} | {
         "n": result["num_problems"],
         "samples": cfg.samples,

@@ -54,7 +54,12 @@ FLEX_BLOCK_SIZE = 128
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (layers, B, KV heads, max_len, D)."""
+    """Preallocated keys/values for incremental decoding: (layers, B, KV heads, max_len, D).
+
+    Rows of different prompt lengths share one cache left-padded: every row writes its next token
+    at slot `length`, and row b's own tokens start at slot starts[b] (its prompt right-aligned
+    to the longest). `hidden_states` turns starts into each row's positions and a mask that hides
+    the padding (`left_padding`)."""
 
     def __init__(
         self,
@@ -63,12 +68,17 @@ class KVCache:
         max_len: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        starts: torch.Tensor | None = None,
     ) -> None:
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         """Tokens already stored; the next call writes at this position."""
+        if starts is not None and starts.shape != (batch_size,):
+            raise ValueError(f"KVCache: starts must have shape ({batch_size},), got {starts.shape}")
+        self.starts = starts
+        """(B,) first slot of each row's own tokens (left padding before it); None: no padding."""
 
     @property
     def max_len(self) -> int:
@@ -82,6 +92,29 @@ class KVCache:
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def left_padding(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, T) and attention mask (B, 1, T, length + T) of the next T tokens.
+
+        A token sees its own row's tokens up to itself. A padding token sees only itself, so
+        no query is left with nothing to see: that is NaN in some attention kernels, and NaN
+        keys/values would reach real tokens through the 0 weight of a masked score."""
+        if self.starts is None:
+            raise ValueError("KVCache.left_padding: this cache has no starts (no padding)")
+        device = self.starts.device
+        slots = torch.arange(self.length, self.length + T, device=device)  # (T,)
+        keys = torch.arange(self.length + T, device=device)  # (S,)
+        starts = self.starts[:, None, None]  # (B, 1, 1)
+        causal = keys <= slots[:, None]  # (T, S)
+        own = (keys >= starts) | (keys == slots[:, None])  # (B, T, S)
+        positions = (slots - self.starts[:, None]).clamp(min=0)
+        return positions, (causal & own)[:, None]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (indices), in this order: drops finished sequences."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        if self.starts is not None:
+            self.starts = self.starts[rows]
 
 
 def document_mask(positions: torch.Tensor) -> torch.Tensor:
@@ -267,7 +300,8 @@ class Attention(nn.Module):
         mask: DocumentMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """mask None: plain causal over the row (or over the cache when one is given)."""
+        """mask None: plain causal over the row (or over the cache when one is given); with a
+        cache, a dense mask is the left padding's (`KVCache.left_padding`)."""
         B, T, _ = x.shape
         H, Hkv, D = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -278,7 +312,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)
-            if past == 0:
+            if mask is not None and mask.dense is not None:  # left-padded rows (KVCache.starts)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
+            elif past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             elif T == 1:  # one new token sees the whole cache: no mask to build
                 y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)

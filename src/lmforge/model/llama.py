@@ -113,9 +113,10 @@ class Llama(nn.Module):
 
         positions (B, T): per-token positions restarting at 0 at each document start; they set
         RoPE and the document mask. None means one document per row (plain causal). With a
-        cache, positions continue from the cached prefix. attention_mask (B, 1, T, T), True
-        where a token may attend, replaces the mask derived from positions (scoring uses it for
-        tree-shaped rows: several continuations after one shared context).
+        cache, positions continue from the cached prefix, or from each row's start in a
+        left-padded cache (`KVCache.starts`), which also masks the padding. attention_mask
+        (B, 1, T, T), True where a token may attend, replaces the mask derived from positions
+        (scoring uses it for tree-shaped rows: several continuations after one shared context).
         """
         hidden = self.hidden_states(input_ids, positions, cache, attention_mask)
         if labels is None:
@@ -138,6 +139,11 @@ class Llama(nn.Module):
             mask = DocumentMask(dense=attention_mask)
         elif positions is not None and cache is None:
             mask = plan_document_mask(positions, self.cfg.attention)
+        elif cache is not None and cache.starts is not None:
+            if positions is not None:
+                raise ValueError("a left-padded KV cache sets the positions itself; pass None")
+            positions, padding = cache.left_padding(T)
+            mask = DocumentMask(dense=padding)
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)

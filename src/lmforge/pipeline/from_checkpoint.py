@@ -17,7 +17,7 @@ from lmforge.data.tokenizer import TextTokenizer
 from lmforge.dist import resolve_device
 from lmforge.eval.perplexity import loss_by_position, position_bins
 from lmforge.export import export_hf
-from lmforge.generate import GenerateConfig, generate_text
+from lmforge.generate import GenerateConfig, generate_texts
 from lmforge.logs import progress
 from lmforge.perf import autocast_dtype
 from lmforge.pipeline.training import RunPaths, find_checkpoint, load_trained, perplexity
@@ -185,10 +185,7 @@ def generate_stage(
     model, _ = load_trained(find_checkpoint(recipe, checkpoint))
     tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
     cfg = cfg or recipe.generate
-    return [
-        generate_text(model, tokenizer, p, replace(cfg, seed=cfg.seed + i))
-        for i, p in enumerate(prompts)
-    ]
+    return generate_texts(model, tokenizer, prompts, 1, cfg)  # prompt i samples with seed + i
 
 
 def export_stage(
