@@ -87,10 +87,11 @@ def main() -> None:
         for b in sizes:
             prompts = all_prompts[:b]
             out = {name: way(prompts) for name, way in ways.items()}  # also the warm-up
+            calls = out["B generate calls"]
             print(
                 f"B={b}: generate_batch vs generate calls: "
-                f"{first_difference(out['generate_batch'], out['B generate calls'])}; "
-                f"HF vs generate calls: {first_difference(out['HF batch'], out['B generate calls'])}"
+                f"{first_difference(out['generate_batch'], calls)}; "
+                f"HF vs generate calls: {first_difference(out['HF batch'], calls)}"
             )
         print("| B | prompt tokens | " + " | ".join(ways) + " | batch / calls | batch / HF |")
         print("|---:|---:|" + "---:|" * (len(ways) + 2))
@@ -107,7 +108,8 @@ def main() -> None:
             calls = best["B generate calls"] / best["generate_batch"]
             vs_hf = best["HF batch"] / best["generate_batch"]
             print(
-                f"| {b} | {sum(map(len, prompts))} | " + " | ".join(cells)
+                f"| {b} | {sum(map(len, prompts))} | "
+                + " | ".join(cells)
                 + f" | {calls:.2f}x | {vs_hf:.2f}x |",
                 flush=True,
             )

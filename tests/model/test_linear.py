@@ -1,4 +1,5 @@
-"""The one-token matrix-vector path of model.linear.Linear computes nn.Linear's function."""
+"""The few-token paths of model.linear.Linear (matrix-vector for one token, weight @ x.T up to
+SMALL_ROWS) compute nn.Linear's function."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.linear import Linear
+from lmforge.model.linear import SMALL_ROWS, Linear
 
 
 def test_one_token_matches_the_matrix_path_values_shapes_and_gradients() -> None:
@@ -21,9 +22,25 @@ def test_one_token_matches_the_matrix_path_values_shapes_and_gradients() -> None
         (g_fast,) = torch.autograd.grad(fast.square().sum(), layer.weight)
         (g_ref,) = torch.autograd.grad(ref.square().sum(), layer.weight)
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-6)
-    x = torch.randn(3, 5, 48)
-    assert torch.equal(layer(x), F.linear(x, layer.weight))  # more than one token: nn.Linear
+    x = torch.randn(SMALL_ROWS + 1, 48)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))  # many tokens: nn.Linear
     assert list(layer.state_dict()) == ["weight"]  # the keys checkpoints and export expect
+
+
+@pytest.mark.parametrize("shape", [(2, 48), (3, 5, 48), (SMALL_ROWS, 1, 48), (4, 1, 48)])
+def test_a_few_tokens_match_the_matrix_path_in_row_order(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(shape, requires_grad=True)
+    fast = layer(x)
+    ref = F.linear(x, layer.weight)
+    assert fast.shape == ref.shape and fast.is_contiguous()  # views downstream rely on it
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    g_fast = torch.autograd.grad(fast.square().sum(), (x, layer.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, layer.weight))
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(48, 3).t()  # a transposed input: reshape copies it to row order
+    torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight))
 
 
 def test_autocast_and_bf16_weights_keep_the_matrix_path(monkeypatch: pytest.MonkeyPatch) -> None:
