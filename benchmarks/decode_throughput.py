@@ -10,10 +10,9 @@ Both decode greedily a fixed number of new tokens after a random prompt, with no
 
 - batch 1, lmforge: `lmforge.generate.generate_stream` at temperature 0 (the iterator that
   `generate` drains), so the first token's time can be read off;
-- batch > 1, lmforge: `generate` takes one prompt at a time, so batched decode is timed with a
-  greedy loop written here over lmforge's own pieces, as generate.py does it:
-  `model.hidden_states(ids, cache=KVCache(...))`, `lm_head` on the last position, argmax. Its rows
-  say "lmforge (loop)": they measure the model and its KV cache, not lmforge's generate API;
+- batch > 1, lmforge: `lmforge.generate.generate_batch` at temperature 0, its `finished`
+  callback noting when the first new token arrives (the prompts are of equal length here:
+  batch_throughput.py times prompts of different lengths);
 - batch 1, `--compile`: also "lmforge compiled", `generate_stream` with `generate.compile`
   (its decode step under torch.compile; the first, compiling generation is timed apart);
 - HF: `model.generate(do_sample=False, min_new_tokens=max_new_tokens=N, eos_token_id=None)`,
@@ -194,26 +193,22 @@ def lmforge_generate(model: Any, prompts: torch.Tensor, n: int, compile: bool = 
     return Run(t1 - t0, t2 - t0, torch.tensor([out]))
 
 
-def lmforge_loop(model: Any, prompts: torch.Tensor, n: int) -> Run:
-    """Batched greedy decode with lmforge's model and KVCache, the loop of generate.py for B rows
-    (the benchmark's own code: lmforge's generate takes one prompt)."""
-    from lmforge.model.attention import KVCache
+def lmforge_batch(model: Any, prompts: torch.Tensor, n: int) -> Run:
+    """lmforge's batched generate path: `generate_batch`, greedy, no stop ids."""
+    from lmforge.generate import GenerateConfig, generate_batch
 
-    B, P = prompts.shape
-    param = next(model.parameters())
+    cfg = GenerateConfig(max_new_tokens=n, temperature=0.0, top_k=None, top_p=None)
+    first: list[float] = []
+
+    def clock(row: int, new: list[int]) -> bool:
+        if not first:
+            first.append(time.perf_counter())
+        return False
+
     t0 = time.perf_counter()
-    cache = KVCache(model.cfg, B, P + n, param.device, param.dtype)
-    ids, out = prompts, []
-    t1 = t0
-    for i in range(n):
-        hidden = model.hidden_states(ids, cache=cache)  # (B, T, d)
-        token = model.lm_head(hidden[:, -1]).argmax(dim=-1)  # (B,)
-        out.append(token)
-        if i == 0:
-            t1 = time.perf_counter()
-        ids = token[:, None]
+    out = generate_batch(model, prompts.tolist(), cfg, finished=clock)
     t2 = time.perf_counter()
-    return Run(t1 - t0, t2 - t0, torch.stack(out, dim=1))
+    return Run(first[0] - t0, t2 - t0, torch.tensor(out))
 
 
 class FirstTokenClock:
@@ -277,7 +272,7 @@ COMPILED = "lmforge compiled"
 
 
 def lmforge_impl(batch: int) -> str:
-    return "lmforge" if batch == 1 else "lmforge (loop)"
+    return "lmforge" if batch == 1 else "lmforge batch"
 
 
 def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int, litgpt: Any = None) -> Run:
@@ -289,7 +284,7 @@ def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int, litgpt:
         return lmforge_generate(ours, prompts, n)
     if impl == COMPILED:
         return lmforge_generate(ours, prompts, n, compile=True)
-    return lmforge_loop(ours, prompts, n)
+    return lmforge_batch(ours, prompts, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +471,8 @@ def report(series: list[Series], bandwidth: float, infos: dict[str, dict[str, An
         "\nprefill = time to the first new token (median); decode tok/s = (N-1)/(total - prefill)"
         " per sequence x batch; bound = batch x measured bandwidth / weight bytes read per token;"
         "\n'lmforge' = generate_stream (its generate API), 'lmforge compiled' = the same with"
-        " generate.compile, 'lmforge (loop)' = this script's batched greedy loop over lmforge's"
-        " model + KVCache; / HF = the row's decode tok/s over HF's (same dtype and batch)."
+        " generate.compile, 'lmforge batch' = generate_batch; / HF = the row's decode tok/s"
+        " over HF's (same dtype and batch)."
     )
     for d, b in bound1.items():
         print(f"bandwidth-bound decode at batch 1, {d}: {b:.0f} tok/s")
