@@ -85,6 +85,10 @@ def test_compiled_decode_step_generates_what_the_eager_one_does(model: Llama) ->
     sampled = GenerateConfig(max_new_tokens=16, temperature=1.0, top_k=None, top_p=0.9, seed=3)
     compiled = GenerateConfig(**{**sampled.__dict__, "compile": True})
     assert generate(model, PROMPT, compiled) == generate(model, PROMPT, sampled)
+    # a left-padded batch (a second graph: the cache has starts), with rows leaving it
+    stop = generate(model, PROMPTS[1], GREEDY)[3]
+    eager = generate_batch(model, PROMPTS, GREEDY, stop_ids=(stop,))
+    assert generate_batch(model, PROMPTS, fast, stop_ids=(stop,)) == eager
 
 
 def test_zero_new_tokens_generates_nothing(model: Llama) -> None:

@@ -86,12 +86,41 @@ def test_greedy_generation_equals_lm_evals_hf_model(trained: tuple[Path, Path]) 
     args += [("The ", {"until": ["."], "max_gen_toks": 12})]
     args += [(context, {"until": ["\n", "。"], "max_gen_toks": 16}) for context, _ in REQUESTS[:5]]
     args += [("中国", {"until": "人", "max_gen_toks": 6})]
+    long = " ".join(f"{c} {i}" for i, (c, _) in enumerate(REQUESTS[:5] * 3))  # over 64 tokens
+    args += [(long, {"until": ["\n"], "max_gen_toks": 12})]  # cut to its last 64 - 12 tokens
     expected = theirs.generate_until(_instances("generate_until", args))
     for batch_size in (1, 4):  # batches: left-padded contexts of different lengths
         ours = LmforgeLM(checkpoint=str(checkpoint), batch_size=batch_size)
         assert ours.generate_until(_instances("generate_until", args)) == expected
     with pytest.raises(ValueError, match="batch_size: a positive integer or 'auto', got 'x'"):
         LmforgeLM(checkpoint=str(checkpoint), batch_size="x")
+
+
+def test_generate_until_cuts_long_contexts_from_the_left(
+    trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval's HF model keeps the last max_length - max_gen_toks context tokens (BOS first,
+    so a cut drops it); the trained model here says the same whatever the context, so the
+    prompts that reach generate_batch are checked instead."""
+    import lmforge.eval.harness as harness
+
+    ours = harness.LmforgeLM(checkpoint=str(trained[0]), batch_size=2)
+    seen: list[list[int]] = []
+
+    def spy(model: object, prompts: list[list[int]], *args: object) -> list[list[int]]:
+        seen.extend(prompts)
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(harness, "generate_batch", spy)
+    long, short = "the quick brown fox " * 30, "def main("
+    ours.generate_until(
+        _instances("generate_until", [(c, {"max_gen_toks": 12}) for c in (short, long)])
+    )
+    tok = ours.tokenizer
+    assert ours.max_length == 64
+    assert seen == [[tok.bos_id, *tok.encode(long)][-52:], [tok.bos_id, *tok.encode(short)]]
+    with pytest.raises(ValueError, match="max_gen_toks 64 leaves no room"):
+        ours.generate_until(_instances("generate_until", [(short, {"max_gen_toks": 64})]))
 
 
 EVAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.multiple_choice import LoglikelihoodScorer, Tree
-from lmforge.generate import generate_texts
+from lmforge.generate import GenerateConfig, generate_batch, stop_text_check
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -133,13 +133,29 @@ class LmforgeLM(LM):
                 members.sort(key=lambda i: -len(requests[i].args[0]))
                 for at in range(0, len(members), self.generate_batch_size):
                     batch = members[at : at + self.generate_batch_size]
-                    contexts = [requests[i].args[0] for i in batch]
-                    texts = generate_texts(self.model, self.tokenizer, contexts, 1, cfg, until)
+                    texts = self._generate([requests[i].args[0] for i in batch], cfg, until)
                     for i, text in zip(batch, texts, strict=True):
                         cut = min((text.find(s) for s in until if s in text), default=len(text))
                         outputs[i] = text[:cut]
                     bar.update(len(batch))
         return outputs
+
+    def _generate(
+        self, contexts: list[str], cfg: GenerateConfig, until: tuple[str, ...]
+    ) -> list[str]:
+        """Continuations of BOS + each context, its tokens cut from the left to leave room for
+        cfg.max_new_tokens in max_length (as lm-eval's HF model cuts them)."""
+        room = self.max_length - cfg.max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"generate_until: max_gen_toks {cfg.max_new_tokens} leaves no room for a context "
+                f"in max_length {self.max_length}"
+            )
+        tok = self.tokenizer
+        prompts = [[tok.bos_id, *ids][-room:] for ids in tok.encode_batch(contexts)]
+        finished = stop_text_check(tok, until) if until else None
+        new = generate_batch(self.model, prompts, cfg, (tok.eos_id,), finished)
+        return [tok.decode(s[:-1] if s and s[-1] == tok.eos_id else s) for s in new]
 
     @property
     def tokenizer_name(self) -> str:
