@@ -163,8 +163,8 @@ class LmforgeLM(LM):
 
 
 def _batch_size(value: int | str) -> int:
-    """lm-eval's --batch_size: a number, or "auto"/"auto:N", taken here as 16 rows (decode
-    throughput on a 2-core CPU grows up to about 16 rows: benchmarks/RESULTS.md)."""
+    """lm-eval's --batch_size: a number, or "auto"/"auto:N", taken here as 16 rows, the largest
+    batch measured (7x the tokens/s of one at a time on a 2-core CPU: benchmarks/RESULTS.md)."""
     if str(value).startswith("auto"):
         return 16
     try:
