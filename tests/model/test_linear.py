@@ -56,3 +56,28 @@ def test_autocast_and_bf16_weights_keep_the_matrix_path(monkeypatch: pytest.Monk
     assert not calls
     layer.float()(x)
     assert len(calls) == 1
+
+
+def test_one_token_through_onednn_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AMD path (forced on here): oneDNN's product, only where no gradient can flow back
+    through it (the op has no backward: it would pass wrong gradients silently)."""
+    import lmforge.model.linear as linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(linear, "ONEDNN_FOR_ONE_ROW", True)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a)
+    )
+    torch.manual_seed(0)
+    layer = Linear(48, 80)
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        fast = layer(x)
+    assert len(calls) == 1 and fast.shape == (1, 1, 80)
+    torch.testing.assert_close(fast, F.linear(x, layer.weight), rtol=1e-5, atol=1e-6)
+    layer(x).sum().backward()  # with gradients: sgemv
+    assert len(calls) == 1
+    torch.testing.assert_close(layer.weight.grad, x.reshape(1, 48).expand(80, 48))
