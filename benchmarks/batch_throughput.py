@@ -22,10 +22,11 @@ seconds and generated tokens per second (B x new tokens / time, prefill included
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from collections.abc import Callable
 
 import torch
+from alternating import best_of_alternating_rounds
 from decode_throughput import DTYPES, build_models
 from train_throughput import REF, THREADS
 
@@ -97,12 +98,8 @@ def main() -> None:
         print("|---:|---:|" + "---:|" * (len(ways) + 2))
         for b in sizes:
             prompts = all_prompts[:b]
-            best = {name: float("inf") for name in ways}
-            for r in range(args.rounds):
-                for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
-                    t0 = time.perf_counter()
-                    ways[name](prompts)
-                    best[name] = min(best[name], time.perf_counter() - t0)
+            runs = {name: functools.partial(way, prompts) for name, way in ways.items()}
+            best = best_of_alternating_rounds(runs, args.rounds)
             tokens = b * args.new_tokens
             cells = [f"{s:.1f} s ({tokens / s:.0f} tok/s)" for s in best.values()]
             calls = best["B generate calls"] / best["generate_batch"]

@@ -12,10 +12,11 @@ each, in seconds and in generated tokens per second.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from dataclasses import replace
 
 import torch
+from alternating import best_of_alternating_rounds
 from decode_throughput import DTYPES, build_models
 from train_throughput import REF, THREADS
 
@@ -52,12 +53,8 @@ def main() -> None:
     print("| N | " + " | ".join(ways) + " | speed-up |")
     print("|---:|" + "---:|" * (len(ways) + 1))
     for n in (int(x) for x in args.samples.split(",")):
-        best = {name: float("inf") for name in ways}
-        for r in range(args.rounds):
-            for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
-                t0 = time.perf_counter()
-                ways[name](n)
-                best[name] = min(best[name], time.perf_counter() - t0)
+        runs = {name: functools.partial(way, n) for name, way in ways.items()}
+        best = best_of_alternating_rounds(runs, args.rounds)
         tokens = n * args.new_tokens
         cells = [f"{s:.1f} s ({tokens / s:.0f} tok/s)" for s in best.values()]
         speedup = best["N generate calls"] / best["generate_samples"]

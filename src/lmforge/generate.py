@@ -327,9 +327,12 @@ def generate_text(
     """Continue prompt (BOS prepended) until EOS or cfg.max_new_tokens; decoded, EOS dropped."""
     prompt_ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
     new = generate(model, prompt_ids, cfg, stop_ids=(tokenizer.eos_id,), generator=generator)
-    if new and new[-1] == tokenizer.eos_id:
-        new = new[:-1]
-    return tokenizer.decode(new)
+    return decode_new(tokenizer, new)
+
+
+def decode_new(tokenizer: TokenizerLike, new: list[int]) -> str:
+    """Generated ids as text, without the EOS that ended them."""
+    return tokenizer.decode(new[:-1] if new and new[-1] == tokenizer.eos_id else new)
 
 
 def generate_texts(
@@ -354,7 +357,7 @@ def generate_texts(
         new = generate_batch(model, batch, cfg, (eos,), finished)
     else:
         raise ValueError(f"generate_texts: n = {n} samples need one prompt, got {len(prompts)}")
-    return [tokenizer.decode(s[:-1] if s and s[-1] == eos else s) for s in new]
+    return [decode_new(tokenizer, s) for s in new]
 
 
 def stop_text_check(tokenizer: TokenizerLike, stop_texts: Sequence[str]) -> Finished:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.multiple_choice import LoglikelihoodScorer, Tree
-from lmforge.generate import GenerateConfig, generate_batch, stop_text_check
+from lmforge.generate import GenerateConfig, decode_new, generate_batch, stop_text_check
 
 _DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -155,7 +155,7 @@ class LmforgeLM(LM):
         prompts = [[tok.bos_id, *ids][-room:] for ids in tok.encode_batch(contexts)]
         finished = stop_text_check(tok, until) if until else None
         new = generate_batch(self.model, prompts, cfg, (tok.eos_id,), finished)
-        return [tok.decode(s[:-1] if s and s[-1] == tok.eos_id else s) for s in new]
+        return [decode_new(tok, s) for s in new]
 
     @property
     def tokenizer_name(self) -> str:
