@@ -6,8 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -15,27 +16,23 @@ import openai
 import pytest
 import torch
 import uvicorn
+from fastapi import FastAPI
 
-from lmforge.assistant import Assistant, Reply, chat_loop
+from lmforge import batching
+from lmforge.assistant import Assistant, chat_loop
 from lmforge.data.chat import Message
 from lmforge.data.tokenizer import TextTokenizer
-from lmforge.generate import GenerateConfig, generate
+from lmforge.generate import GenerateConfig, generate, last_logits
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.serve import ServeConfig, create_app
 
 
 class SlowAssistant(Assistant):
-    """Sleeps per token so that concurrent requests overlap."""
+    """Its model sleeps `delay` seconds before every forward pass, so that concurrent requests
+    overlap."""
 
     delay = 0.0
-
-    def stream(
-        self, prompt_ids: list[int], cfg: GenerateConfig, reply: Reply, stop: Sequence[str] = ()
-    ) -> Iterator[str]:
-        for piece in super().stream(prompt_ids, cfg, reply, stop):
-            time.sleep(self.delay)
-            yield piece
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +42,18 @@ def assistant(prepared_run: Path) -> SlowAssistant:
         vocab_size=512, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=128
     )
     tokenizer = TextTokenizer.load(prepared_run / "tokenizer.json")
-    return SlowAssistant(Llama(cfg).eval(), tokenizer, "tiny", context_len=96)
+    slow = SlowAssistant(Llama(cfg).eval(), tokenizer, "tiny", context_len=96)
+    slow.model.lm_head.register_forward_pre_hook(lambda *_: time.sleep(slow.delay))
+    return slow
 
 
-@pytest.fixture(scope="module")
-def server(assistant: SlowAssistant) -> Iterator[str]:
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """The app on a loopback port, in a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServeConfig(max_tokens=32, max_request_bytes=20_000, max_concurrency=1, max_queue=1)
-    config = uvicorn.Config(
-        create_app(assistant, cfg), host="127.0.0.1", port=port, log_level="error"
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -64,9 +61,18 @@ def server(assistant: SlowAssistant) -> Iterator[str]:
     while not srv.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(assistant: SlowAssistant) -> Iterator[str]:
+    cfg = ServeConfig(max_tokens=32, max_request_bytes=20_000, max_concurrency=1, max_queue=1)
+    with serving(create_app(assistant, cfg)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -194,27 +200,57 @@ def test_chat_loop_drops_the_oldest_turns_to_fit(assistant: SlowAssistant) -> No
     assert len(assistant.chat_prompt(history)) <= assistant.context_len
 
 
-def test_serve_compile_reaches_every_requests_generate_config(assistant: SlowAssistant) -> None:
-    """`lmforge serve ... generate.compile=true` compiles the decode step of every request."""
-    from starlette.testclient import TestClient
+def test_serve_compile_reaches_the_batched_decode_step(
+    assistant: SlowAssistant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lmforge serve ... generate.compile=true` compiles the decode step every request shares."""
+    seen: list[bool] = []
 
-    seen: list[GenerateConfig] = []
+    def decode_step(compile: bool) -> object:
+        seen.append(compile)
+        return last_logits
 
-    class Recording(Assistant):
-        def stream(
-            self, prompt_ids: list[int], cfg: GenerateConfig, reply: Reply, stop: Sequence[str] = ()
-        ) -> Iterator[str]:
-            seen.append(cfg)
-            reply.completion_tokens = 1
-            yield "x"
-
-    recording = Recording(assistant.model, assistant.tokenizer, "tiny", context_len=96)
+    monkeypatch.setattr(batching, "decode_step", decode_step)
     for compile in (True, False):
-        app = create_app(recording, ServeConfig(max_tokens=4, compile=compile))
-        with TestClient(app) as http:
-            body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-            assert http.post("/v1/completions", json=body).status_code == 200
-        assert seen[-1].compile is compile
+        create_app(assistant, ServeConfig(max_tokens=4, compile=compile))
+    assert seen == [True, False]
+
+
+def test_concurrent_requests_share_one_batch_and_get_their_own_replies(
+    assistant: SlowAssistant,
+) -> None:
+    """Four clients at once, streamed and not, chat and completions: every reply equals the one
+    the same request got alone, and the requests decoded as one batch."""
+    app = create_app(assistant, ServeConfig(max_tokens=32, max_concurrency=4))
+    prompts = ["The river", "你好", "a b c d e f g h i j k", "Once"]
+
+    def ask(client: openai.OpenAI, i: int) -> str:
+        if i % 2:
+            stream = client.completions.create(
+                model="tiny", prompt=prompts[i], temperature=0, max_tokens=12, stream=True
+            )
+            return "".join(chunk.choices[0].text for chunk in stream)
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": prompts[i]}],
+            temperature=0.8,
+            seed=i,
+            max_tokens=12,
+        )
+        return reply.choices[0].message.content or ""
+
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        alone = [ask(client, i) for i in range(4)]
+        assert app.state.batcher.widest == 1
+        assistant.delay = 0.02
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(lambda i: ask(client, i), range(4)))
+        finally:
+            assistant.delay = 0.0
+    assert together == alone
+    assert app.state.batcher.widest >= 3
 
 
 def test_n_completions_come_from_one_batch(client: openai.OpenAI, assistant: Assistant) -> None:

@@ -19,7 +19,13 @@ from lmforge.checkpoint import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.export import import_hf
-from lmforge.generate import GenerateConfig, generate_samples, generate_stream, stop_text_check
+from lmforge.generate import (
+    Finished,
+    GenerateConfig,
+    generate_samples,
+    generate_stream,
+    stop_text_check,
+)
 from lmforge.model.llama import Llama
 
 
@@ -88,22 +94,33 @@ class Assistant:
     ) -> Iterator[str]:
         """Text pieces of the reply as they are sampled; `reply` is filled in as it goes."""
         tokens = generate_stream(self.model, prompt_ids, cfg, self.stop_ids)
-        return self._pieces(tokens, reply, stop)
+        return self.pieces(tokens, reply, stop)
 
     def complete(
         self, prompt_ids: list[int], cfg: GenerateConfig, n: int, stop: Sequence[str] = ()
     ) -> list[tuple[str, Reply]]:
         """n whole replies to one prompt and what each came to, sampled as one batch
-        (`generate_samples`) and cut at stop ids and strings as `stream` cuts one; a sample
-        stops decoding once its text holds a stop string."""
+        (`generate_samples`); a sample stops decoding once its text holds a stop string."""
+        finished = self.stop_check(stop)
+        samples = generate_samples(self.model, prompt_ids, n, cfg, self.stop_ids, finished)
+        return self.replies(samples, len(prompt_ids), stop)
+
+    def stop_check(self, stop: Sequence[str]) -> Finished | None:
+        """finished(sample, ids) for a decoder, true once the text holds a stop string."""
+        return stop_text_check(self.tokenizer, [s for s in stop if s]) if any(stop) else None
+
+    def replies(
+        self, samples: list[list[int]], prompt_tokens: int, stop: Sequence[str] = ()
+    ) -> list[tuple[str, Reply]]:
+        """Each sample's text, cut at stop ids and strings as `stream` cuts one, and what it
+        came to."""
         replies = []
-        finished = stop_text_check(self.tokenizer, [s for s in stop if s]) if any(stop) else None
-        for sample in generate_samples(self.model, prompt_ids, n, cfg, self.stop_ids, finished):
-            reply = Reply(prompt_tokens=len(prompt_ids))
-            replies.append(("".join(self._pieces(iter(sample), reply, stop)), reply))
+        for sample in samples:
+            reply = Reply(prompt_tokens=prompt_tokens)
+            replies.append(("".join(self.pieces(iter(sample), reply, stop)), reply))
         return replies
 
-    def _pieces(self, tokens: Iterator[int], reply: Reply, stop: Sequence[str]) -> Iterator[str]:
+    def pieces(self, tokens: Iterator[int], reply: Reply, stop: Sequence[str]) -> Iterator[str]:
         """Text pieces of the reply as tokens arrive, up to a stop id or stop string."""
         ids: list[int] = []
         sent = ""

@@ -391,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
             p.add_argument("--port", type=int, default=8000, help="port (8000)")
             p.add_argument("--max-tokens", type=int, default=512, help="most tokens a request gets")
-            p.add_argument("--max-concurrency", type=int, default=1, help="requests at once")
+            p.add_argument(
+                "--max-concurrency", type=int, default=8, help="requests decoding as one batch (8)"
+            )
             p.add_argument("--max-queue", type=int, default=16, help="waiting; more get 503")
         if verb == "generate":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")

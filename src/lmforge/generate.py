@@ -126,7 +126,7 @@ def sample_rows(
     return torch.cat(draws).squeeze(-1)
 
 
-def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Logits (B, V) of the last position only, appending ids (B, T) to the cache."""
     hidden = model.hidden_states(ids, cache=cache)  # (B, T, d)
     return model.lm_head(hidden[:, -1])
@@ -134,8 +134,13 @@ def _last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tenso
 
 @functools.cache
 def _compiled_last_logits() -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
-    """`_last_logits` under torch.compile, built once per process."""
-    return torch.compile(_last_logits, dynamic=True)
+    """`last_logits` under torch.compile, built once per process."""
+    return torch.compile(last_logits, dynamic=True)
+
+
+def decode_step(compile: bool) -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
+    """The one-token decode step: `last_logits`, or its compiled twin (`GenerateConfig.compile`)."""
+    return _compiled_last_logits() if compile else last_logits
 
 
 def generate(
@@ -160,7 +165,7 @@ def generate_stream(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """`generate`, one token id at a time as each is sampled (chat and server stream them)."""
-    _check_prompts([prompt_ids])
+    check_prompts([prompt_ids])
     if cfg.max_new_tokens == 0:
         return
     param = next(model.parameters())
@@ -171,8 +176,8 @@ def generate_stream(
             model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, param.device, param.dtype
         )
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
-        step = _compiled_last_logits() if cfg.compile else _last_logits
-        logits = _last_logits(model, ids, cache)  # the prefill: a new shape per prompt, eager
+        step = decode_step(cfg.compile)
+        logits = last_logits(model, ids, cache)  # the prefill: a new shape per prompt, eager
         for left in reversed(range(cfg.max_new_tokens)):  # tokens allowed after this one
             token = sample_next(logits, cfg, generator)  # (1,)
             yield int(token.item())
@@ -203,7 +208,7 @@ def generate_samples(
     tokens per second at n = 10 on a 2-core CPU (benchmarks/sample_throughput.py)."""
     if n < 1:
         raise ValueError(f"generate_samples: n must be >= 1, got {n}")
-    _check_prompts([prompt_ids])
+    check_prompts([prompt_ids])
     if cfg.max_new_tokens == 0:
         return [[] for _ in range(n)]
     param = next(model.parameters())
@@ -211,14 +216,14 @@ def generate_samples(
         max_len = len(prompt_ids) + cfg.max_new_tokens
         prompt = KVCache(model.cfg, 1, max_len, param.device, param.dtype)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
-        logits = _last_logits(model, ids, prompt).expand(n, -1)  # the prefill, once
+        logits = last_logits(model, ids, prompt).expand(n, -1)  # the prefill, once
         cache = KVCache(model.cfg, n, max_len, param.device, param.dtype)
         cache.k[..., : prompt.length, :] = prompt.k[..., : prompt.length, :]  # to every row
         cache.v[..., : prompt.length, :] = prompt.v[..., : prompt.length, :]
         cache.length = prompt.length
         del prompt
         return _decode(
-            model, logits, cache, cfg, _row_generators(cfg, n, param.device), stop_ids, finished
+            model, logits, cache, cfg, row_generators(cfg, n, param.device), stop_ids, finished
         )
 
 
@@ -241,7 +246,7 @@ def generate_batch(
     discarded."""
     if not prompts:
         return []
-    _check_prompts(prompts)
+    check_prompts(prompts)
     if cfg.max_new_tokens == 0:
         return [[] for _ in prompts]
     param = next(model.parameters())
@@ -258,8 +263,8 @@ def generate_batch(
             starts=starts if bool(starts.any()) else None,  # None keeps the mask-free kernels
         )
         ids = torch.tensor(padded, dtype=torch.long, device=param.device)
-        logits = _last_logits(model, ids, cache)  # every row's prompt ends at the last column
-        generators = _row_generators(cfg, len(prompts), param.device)
+        logits = last_logits(model, ids, cache)  # every row's prompt ends at the last column
+        generators = row_generators(cfg, len(prompts), param.device)
         return _decode(model, logits, cache, cfg, generators, stop_ids, finished)
 
 
@@ -278,7 +283,7 @@ def _decode(
     stops = set(stop_ids)
     out: list[list[int]] = [[] for _ in generators]
     rows = list(range(len(generators)))  # batch row -> index into out
-    step = _compiled_last_logits() if cfg.compile else _last_logits
+    step = decode_step(cfg.compile)
     for left in reversed(range(cfg.max_new_tokens)):  # tokens allowed after this one
         tokens = sample_rows(logits, cfg, [generators[r] for r in rows])  # (B,)
         live = []
@@ -297,11 +302,12 @@ def _decode(
     return out
 
 
-def _row_generators(cfg: GenerateConfig, n: int, device: torch.device) -> list[torch.Generator]:
+def row_generators(cfg: GenerateConfig, n: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded cfg.seed + i: row i draws what `generate` draws alone."""
     return [torch.Generator(device=device).manual_seed(cfg.seed + i) for i in range(n)]
 
 
-def _check_prompts(prompts: Sequence[list[int]]) -> None:
+def check_prompts(prompts: Sequence[list[int]]) -> None:
     if any(not p for p in prompts):
         raise ValueError("generate: prompt_ids is empty; pass at least one token (e.g. the BOS id)")
 

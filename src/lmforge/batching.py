@@ -1,0 +1,305 @@
+"""Continuous batching: requests that arrive while others decode join the running batch at its
+next step and leave it when they end, so concurrent requests share each read of the weights.
+
+One thread owns the model. Each step it prefills the requests that arrived (each alone, at its
+own length), merges their keys/values into the batch's left-padded cache, samples one token for
+every row, drops the rows that ended, and runs one forward pass for the rest. Every row draws
+from its own generator (the request's seed + sample index), so a request gets what `generate`
+(n = 1) or `generate_samples` (n > 1) would give it alone, whatever else shares its steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.generate import (
+    Finished,
+    GenerateConfig,
+    check_prompts,
+    decode_step,
+    last_logits,
+    sample_rows,
+)
+from lmforge.model.attention import KVCache
+from lmforge.model.llama import Llama
+
+log = logging.getLogger(__name__)
+
+_END = object()
+"""Queued after a sample's last token."""
+
+
+class Submitted:
+    """A request handed to the batcher. Its samples' tokens arrive as they are sampled;
+    `cancel` (or closing the `tokens` iterator) takes its rows out of the batch at the next step.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        n: int,
+        cfg: GenerateConfig,
+        stop_ids: Collection[int],
+        finished: Finished | None,
+    ) -> None:
+        self.prompt_ids, self.n, self.cfg = prompt_ids, n, cfg
+        self.stop_ids, self.finished = frozenset(stop_ids), finished
+        self.cancelled = threading.Event()
+        self._out: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
+
+    def tokens(self) -> Iterator[int]:
+        """The one sample's token ids as they are sampled (n = 1); closing it cancels."""
+        if self.n != 1:
+            raise ValueError(f"tokens() streams one sample; this request has n = {self.n}")
+        return self._stream()
+
+    def _stream(self) -> Iterator[int]:
+        try:
+            while (item := self._next()[1]) is not _END:
+                yield item  # type: ignore[misc]
+        finally:
+            self.cancel()
+
+    def samples(self) -> list[list[int]]:
+        """Every sample's token ids, once all have ended."""
+        out: list[list[int]] = [[] for _ in range(self.n)]
+        open_samples = self.n
+        while open_samples:
+            sample, item = self._next()
+            if item is _END:
+                open_samples -= 1
+            else:
+                out[sample].append(item)  # type: ignore[arg-type]
+        return out
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def _next(self) -> tuple[int, object]:
+        sample, item = self._out.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError("generation failed in the batching thread") from item
+        return sample, item
+
+    def _put(self, sample: int, item: object) -> None:
+        self._out.put((sample, item))
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sample of one request, in the batch."""
+
+    request: Submitted
+    sample: int
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def left(self) -> int:
+        """Tokens it may still be given."""
+        return self.request.cfg.max_new_tokens - len(self.ids)
+
+
+class ContinuousBatcher:
+    """Decodes every submitted request in one shared batch, on a thread of its own.
+
+    The model is put in eval mode and must not be used elsewhere while the batcher runs."""
+
+    def __init__(self, model: Llama, compile: bool = False) -> None:
+        self.model = model.eval()
+        self.step = decode_step(compile)
+        self._pending: list[Submitted] = []
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        """Decode steps run so far (forward passes over the batch, prefills not counted)."""
+        self.widest = 0
+        """Most rows decoded in one step so far."""
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        cfg: GenerateConfig,
+        n: int = 1,
+        stop_ids: Collection[int] = (),
+        finished: Finished | None = None,
+    ) -> Submitted:
+        """Queue a request of n samples after prompt_ids; it joins the batch at the next step.
+        Each sample ends at a stop id, `finished(sample, ids)`, or cfg.max_new_tokens."""
+        if n < 1:
+            raise ValueError(f"submit: n must be >= 1, got {n}")
+        check_prompts([prompt_ids])
+        request = Submitted(list(prompt_ids), n, cfg, stop_ids, finished)
+        if cfg.max_new_tokens == 0:
+            for sample in range(n):
+                request._put(sample, _END)
+            return request
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("ContinuousBatcher is closed")
+            self._pending.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return request
+
+    def close(self) -> None:
+        """Stop the thread after its current step; requests still queued or decoding fail."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        rows: list[_Row] = []
+        cache: KVCache | None = None
+        logits: torch.Tensor | None = None
+        while True:
+            with self._wake:
+                while not (self._pending or rows or self._closed):
+                    self._wake.wait()
+                joining, self._pending = self._pending, []
+                closed = self._closed
+            if closed:
+                error = RuntimeError("ContinuousBatcher closed")
+                for request in {row.request for row in rows} | set(joining):
+                    for sample in range(request.n):
+                        request._put(sample, error)
+                return
+            try:
+                with torch.inference_mode():
+                    if joining:
+                        rows, cache, logits = self._join(joining, rows, cache, logits)
+                    rows, cache, logits = self._step(rows, cache, logits)
+            except Exception as e:  # the requests in the batch fail; the server goes on
+                log.exception("batched decode step failed")
+                for request in {row.request for row in rows} | set(joining):
+                    for sample in range(request.n):
+                        request._put(sample, e)
+                rows, cache, logits = [], None, None
+
+    def _join(
+        self,
+        joining: list[Submitted],
+        rows: list[_Row],
+        cache: KVCache | None,
+        logits: torch.Tensor | None,
+    ) -> tuple[list[_Row], KVCache, torch.Tensor]:
+        """Prefill each joining request alone, then merge its n rows into the batch."""
+        param = next(self.model.parameters())
+        prefilled, new_logits, new_rows = [], [], []
+        for request in joining:
+            if request.cancelled.is_set():  # gone before it started
+                for sample in range(request.n):
+                    request._put(sample, _END)
+                continue
+            alone = KVCache(self.model.cfg, 1, len(request.prompt_ids), param.device, param.dtype)
+            ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=param.device)
+            new_logits.append(last_logits(self.model, ids, alone).expand(request.n, -1))
+            prefilled.append((alone, request.n))
+            for sample in range(request.n):
+                seed = request.cfg.seed + sample
+                generator = torch.Generator(device=param.device).manual_seed(seed)
+                new_rows.append(_Row(request, sample, generator))
+        rows = rows + new_rows
+        room = max(row.left for row in rows)
+        cache = merge_caches(self.model, cache, prefilled, room, param.device, param.dtype)
+        logits = torch.cat([logits, *new_logits]) if logits is not None else torch.cat(new_logits)
+        return rows, cache, logits
+
+    def _step(
+        self, rows: list[_Row], cache: KVCache | None, logits: torch.Tensor | None
+    ) -> tuple[list[_Row], KVCache | None, torch.Tensor | None]:
+        """Sample one token per row, drop the rows that ended, run the rest one step."""
+        assert cache is not None and logits is not None
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for idx, cfg in _by_sampling(rows):
+            gens = [rows[i].generator for i in idx]
+            tokens[idx] = sample_rows(logits[idx], cfg, gens)
+        live = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+            request = row.request
+            row.ids.append(token)
+            request._put(row.sample, token)
+            ended = (
+                token in request.stop_ids
+                or not row.left
+                or request.cancelled.is_set()
+                or (request.finished is not None and request.finished(row.sample, row.ids))
+            )
+            if ended:
+                request._put(row.sample, _END)
+            else:
+                live.append(i)
+        if not live:
+            return [], None, None
+        if len(live) < len(rows):
+            keep = torch.tensor(live, device=tokens.device)
+            cache.keep(keep)
+            tokens, rows = tokens[keep], [rows[i] for i in live]
+        self.steps += 1
+        self.widest = max(self.widest, len(rows))
+        return rows, cache, self.step(self.model, tokens[:, None], cache)
+
+
+def _by_sampling(rows: list[_Row]) -> Iterator[tuple[list[int], GenerateConfig]]:
+    """Row indices grouped by how they sample (temperature, top-k, top-p), with a config of each
+    group: one batched filter per group."""
+    groups: dict[tuple[float, int | None, float | None], list[int]] = {}
+    for i, row in enumerate(rows):
+        cfg = row.request.cfg
+        greedy = cfg.temperature == 0
+        key = (0.0, None, None) if greedy else (cfg.temperature, cfg.top_k, cfg.top_p)
+        groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        yield idx, rows[idx[0]].request.cfg
+
+
+def merge_caches(
+    model: Llama,
+    batch: KVCache | None,
+    prefilled: list[tuple[KVCache, int]],
+    room: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> KVCache:
+    """One left-padded cache: the batch's rows, then each prefilled one-row cache repeated n
+    times, every row's own tokens right-aligned at a common length, with `room` free slots.
+
+    The batch keeps only its rows' own tokens: slots before its earliest start (padding left by
+    rows that have ended) are dropped."""
+    spans = [alone.length for alone, _ in prefilled]
+    first = 0
+    if batch is not None:
+        first = int(batch.starts.min()) if batch.starts is not None else 0
+        spans.append(batch.length - first)
+    length = max(spans)
+    n_batch = batch.k.shape[1] if batch is not None else 0
+    n_rows = n_batch + sum(n for _, n in prefilled)
+    starts = torch.empty(n_rows, dtype=torch.long, device=device)
+    merged = KVCache(model.cfg, n_rows, length + room, device, dtype)
+    if batch is not None:
+        shift = length - (batch.length - first)
+        merged.k[:, :n_batch, :, shift:length] = batch.k[:, :, :, first : batch.length]
+        merged.v[:, :n_batch, :, shift:length] = batch.v[:, :, :, first : batch.length]
+        old = batch.starts if batch.starts is not None else torch.zeros_like(starts[:n_batch])
+        starts[:n_batch] = old - first + shift
+    row = n_batch
+    for alone, n in prefilled:
+        span = alone.length
+        merged.k[:, row : row + n, :, length - span : length] = alone.k[:, :, :, :span]
+        merged.v[:, row : row + n, :, length - span : length] = alone.v[:, :, :, :span]
+        starts[row : row + n] = length - span
+        row += n
+    merged.length = length
+    merged.starts = starts if bool(starts.any()) else None  # None keeps the mask-free kernels
+    return merged
