@@ -29,7 +29,7 @@ import argparse
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,29 +39,44 @@ from decode_throughput import build_models
 from train_throughput import REF, THREADS
 
 from lmforge.batching import ContinuousBatcher
-from lmforge.generate import GenerateConfig, generate
+from lmforge.generate import GenerateConfig, generate_stream
 
-Handle = Callable[[list[int]], list[int]]
-"""Serve one prompt: its generated ids (blocking; called from one thread per request)."""
+Handle = Callable[[list[int]], tuple[list[int], float | None]]
+"""Serve one prompt: its generated ids, and the longest wait between two of its tokens where
+they are streamed (blocking; called from one thread per request)."""
 
 
 @dataclass
 class Run:
     outputs: list[list[int]]
     latencies: list[float]
+    gaps: list[float | None]
     makespan: float
+
+
+def streamed(tokens: Iterable[int]) -> tuple[list[int], float]:
+    """The ids, and the longest wait between two consecutive ones."""
+    ids: list[int] = []
+    gap, last = 0.0, None
+    for token in tokens:
+        now = time.perf_counter()
+        gap = max(gap, now - last) if last is not None else gap
+        last = now
+        ids.append(token)
+    return ids, gap
 
 
 def drive(prompts: list[list[int]], arrivals: list[float], handle: Handle, concurrency: int) -> Run:
     """Release each prompt at its arrival time, in order, once fewer than `concurrency` are in
     flight; each in-flight request runs `handle` on a thread of its own."""
     outputs: list[list[int]] = [[] for _ in prompts]
+    gaps: list[float | None] = [None] * len(prompts)
     ends = [0.0] * len(prompts)
     slots = threading.Semaphore(concurrency)
 
     def serve(i: int) -> None:
         try:
-            outputs[i] = handle(prompts[i])
+            outputs[i], gaps[i] = handle(prompts[i])
             ends[i] = time.perf_counter()
         finally:
             slots.release()
@@ -76,7 +91,7 @@ def drive(prompts: list[list[int]], arrivals: list[float], handle: Handle, concu
     for w in workers:
         w.join()
     latencies = [end - (t0 + a) for end, a in zip(ends, arrivals, strict=True)]
-    return Run(outputs, latencies, max(ends) - t0)
+    return Run(outputs, latencies, gaps, max(ends) - t0)
 
 
 @contextmanager
@@ -120,7 +135,7 @@ def hf_manager(hf: Any, new_tokens: int, capacity: int) -> Iterator[Handle]:
         rid = manager.add_request(prompt, request_id=f"r{next(count)}", max_new_tokens=new_tokens)
         with arrived:
             arrived.wait_for(lambda: rid in done)
-            return done.pop(rid)
+            return done.pop(rid), None  # not streamed
 
     try:
         yield handle
@@ -139,6 +154,11 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--prefill-chunks",
+        default="256",
+        help="comma-separated prefill_chunk of each lmforge batcher to run (0: whole prompts)",
+    )
     ap.add_argument("--no-hf", action="store_true", help="leave HF's continuous batching out")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -150,17 +170,22 @@ def main() -> None:
     gaps = torch.empty(args.requests).exponential_(generator=g) / args.rate if args.rate else None
     arrivals = [0.0] * args.requests if gaps is None else (gaps.cumsum(0) - gaps[0]).tolist()
     cfg = GenerateConfig(max_new_tokens=args.new_tokens, temperature=0.0)
-    batcher = ContinuousBatcher(model)
     tokens = args.requests * args.new_tokens
-
-    @torch.inference_mode()
-    def alone(prompt: list[int]) -> list[int]:
-        return generate(model, prompt, cfg)
-
     ways: dict[str, tuple[Handle, int]] = {
-        "one at a time": (alone, 1),
-        "lmforge batcher": (lambda p: batcher.submit(p, cfg).samples()[0], args.concurrency),
+        "one at a time": (lambda p: streamed(generate_stream(model, p, cfg)), 1),
     }
+    batchers = {}
+    chunks = [int(c) for c in args.prefill_chunks.split(",")]
+    for chunk in chunks:
+        name = "lmforge batcher"
+        if len(chunks) > 1:
+            name += f", chunk {chunk}" if chunk else ", whole prompts"
+        batcher = ContinuousBatcher(model, prefill_chunk=chunk or 1 << 30)
+        batchers[name] = batcher
+        ways[name] = (
+            lambda p, b=batcher: streamed(b.submit(p, cfg).tokens()),  # type: ignore[misc]
+            args.concurrency,
+        )
     with with_hf(hf, args, ways) as ways:
         print(
             f"reference model, fp32, {THREADS} threads; {args.requests} requests, prompts of "
@@ -182,17 +207,24 @@ def main() -> None:
         for name, run in best.items():
             same = sum(a == b for a, b in zip(run.outputs, reference, strict=True))
             print(f"{name}: {same}/{args.requests} requests identical to one at a time")
-        print("| way | makespan s | tok/s | latency mean s | latency p90 s | / one at a time |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| way | makespan s | tok/s | latency mean s | latency p90 s | longest gap s "
+            "| / one at a time |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         base = best["one at a time"].makespan
         for name, run in best.items():
             p90 = statistics.quantiles(run.latencies, n=10)[-1]
+            streams = [g for g in run.gaps if g is not None]
+            gap = f"{max(streams):.2f}" if streams else "—"
             print(
                 f"| {name} | {run.makespan:.1f} | {tokens / run.makespan:.0f} | "
-                f"{statistics.mean(run.latencies):.1f} | {p90:.1f} | {base / run.makespan:.2f}x |"
+                f"{statistics.mean(run.latencies):.1f} | {p90:.1f} | {gap} | "
+                f"{base / run.makespan:.2f}x |"
             )
-        print(f"lmforge batcher: widest batch {batcher.widest} rows, {batcher.steps} steps")
-    batcher.close()
+        for name, batcher in batchers.items():
+            print(f"{name}: widest batch {batcher.widest} rows, {batcher.steps} steps")
+            batcher.close()
 
 
 @contextmanager

@@ -65,6 +65,32 @@ def test_requests_joining_mid_decode_get_what_they_would_alone(model: Llama) -> 
     assert batcher.widest == 6  # all four requests shared steps
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_batchs_steps(model: Llama) -> None:
+    """With rows decoding, a 22-token prompt goes in chunks of at most 4 tokens, each followed
+    by a decode step of the running rows; alone, a prompt is prefilled whole. Both requests
+    equal `generate` alone."""
+    calls: list[tuple[int, int]] = []  # (rows, tokens) of every forward pass
+    hook = model.embed_tokens.register_forward_pre_hook(lambda _, a: calls.append(a[0].shape))
+    batcher = ContinuousBatcher(model, prefill_chunk=4)
+    long_prompt = list(range(1, 23))
+    try:
+        with slowed(model, 0.01):
+            stream = batcher.submit(PROMPT, GREEDY).tokens()
+            first = [next(stream) for _ in range(3)]
+            late = batcher.submit(long_prompt, GREEDY)
+            first += list(stream)
+            late_ids = late.samples()[0]
+    finally:
+        hook.remove()
+        batcher.close()
+    assert first == generate(model, PROMPT, GREEDY)
+    assert late_ids == generate(model, long_prompt, GREEDY)
+    assert calls[0] == (1, len(PROMPT))  # nothing else running: the whole prompt at once
+    chunks = [i for i, (rows, tokens) in enumerate(calls) if tokens > 1][1:]
+    assert [calls[i][1] for i in chunks] == [4, 4, 4, 4, 4, 2]
+    assert all(calls[i + 1] == (1, 1) for i in chunks[:-1])  # the running row's step between
+
+
 def test_merging_drops_padding_of_ended_rows_and_keeps_every_rows_function(model: Llama) -> None:
     """Rows of 6 and 2 prompt tokens, left-padded; the long one ends. Merging a 3-token prompt
     keeps only the short row's own slots (compacted from 6 to 3) and the next step's logits of
@@ -133,4 +159,6 @@ def test_edge_cases_get_answers_or_clear_errors(model: Llama) -> None:
         batcher.submit(PROMPT, GREEDY, n=0)
     with pytest.raises(ValueError, match="n = 2"):
         batcher.submit(PROMPT, none, n=2).tokens()
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ContinuousBatcher(model, prefill_chunk=0)
     batcher.close()  # never started a thread

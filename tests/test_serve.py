@@ -287,3 +287,16 @@ def test_n_completions_come_from_one_batch(client: openai.OpenAI, assistant: Ass
         client.completions.create(model="tiny", prompt="hi", n=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="n 9 > this server's 8"):
         client.completions.create(model="tiny", prompt="hi", n=9)
+
+
+def test_serve_flags_reach_the_server_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge import cli, serve
+
+    got: dict[str, object] = {}
+    monkeypatch.setattr(cli, "_assistant", lambda recipe, args: "assistant")
+    monkeypatch.setattr(serve, "serve", lambda *args: got.update(zip("ahpc", args, strict=True)))
+    flags = ["--port", "9", "--max-concurrency", "3", "--max-queue", "5", "--prefill-chunk", "64"]
+    assert cli.main(["serve", *flags]) == 0
+    assert got["p"] == 9 and got["c"] == ServeConfig(
+        max_tokens=512, max_concurrency=3, max_queue=5, prefill_chunk=64
+    )

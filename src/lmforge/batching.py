@@ -90,6 +90,11 @@ class Submitted:
     def _put(self, sample: int, item: object) -> None:
         self._out.put((sample, item))
 
+    def _end(self, error: BaseException | None = None) -> None:
+        """End every sample: before any has a token, or with an error (read as raised)."""
+        for sample in range(self.n):
+            self._put(sample, _END if error is None else error)
+
 
 @dataclass(eq=False)
 class _Row:
@@ -106,18 +111,43 @@ class _Row:
         return self.request.cfg.max_new_tokens - len(self.ids)
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A request whose prompt is being prefilled into a one-row cache of its own."""
+
+    request: Submitted
+    cache: KVCache
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens not yet prefilled."""
+        return len(self.request.prompt_ids) - self.cache.length
+
+
 class ContinuousBatcher:
     """Decodes every submitted request in one shared batch, on a thread of its own.
 
-    The model is put in eval mode and must not be used elsewhere while the batcher runs."""
+    While rows are decoding, a joining prompt is prefilled `prefill_chunk` tokens per step
+    (chunked prefill), so a long prompt delays the others' next token by one chunk's forward
+    pass, not by its whole prefill. The model is put in eval mode and must not be used
+    elsewhere while the batcher runs."""
 
-    def __init__(self, model: Llama, compile: bool = False) -> None:
+    def __init__(self, model: Llama, compile: bool = False, prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
         self.step = decode_step(compile)
+        self.prefill_chunk = prefill_chunk
         self._pending: list[Submitted] = []
         self._wake = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        # owned by the thread:
+        self._prefills: list[_Prefill] = []
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._logits: torch.Tensor | None = None
+        """(rows, V): each row's next-token logits."""
         self.steps = 0
         """Decode steps run so far (forward passes over the batch, prefills not counted)."""
         self.widest = 0
@@ -138,8 +168,7 @@ class ContinuousBatcher:
         check_prompts([prompt_ids])
         request = Submitted(list(prompt_ids), n, cfg, stop_ids, finished)
         if cfg.max_new_tokens == 0:
-            for sample in range(n):
-                request._put(sample, _END)
+            request._end()
             return request
         with self._wake:
             if self._closed:
@@ -160,66 +189,85 @@ class ContinuousBatcher:
             self._thread.join()
 
     def _run(self) -> None:
-        rows: list[_Row] = []
-        cache: KVCache | None = None
-        logits: torch.Tensor | None = None
         while True:
             with self._wake:
-                while not (self._pending or rows or self._closed):
+                while not (self._pending or self._prefills or self._rows or self._closed):
                     self._wake.wait()
                 joining, self._pending = self._pending, []
                 closed = self._closed
             if closed:
-                error = RuntimeError("ContinuousBatcher closed")
-                for request in {row.request for row in rows} | set(joining):
-                    for sample in range(request.n):
-                        request._put(sample, error)
+                self._fail(joining, RuntimeError("ContinuousBatcher closed"))
                 return
             try:
                 with torch.inference_mode():
-                    if joining:
-                        rows, cache, logits = self._join(joining, rows, cache, logits)
-                    rows, cache, logits = self._step(rows, cache, logits)
-            except Exception as e:  # the requests in the batch fail; the server goes on
+                    self._prefills += [self._start(r) for r in joining]
+                    ready = self._prefill()
+                    if ready:
+                        self._join(ready)
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # the requests in flight fail; the server goes on
                 log.exception("batched decode step failed")
-                for request in {row.request for row in rows} | set(joining):
-                    for sample in range(request.n):
-                        request._put(sample, e)
-                rows, cache, logits = [], None, None
+                self._fail(joining, e)
 
-    def _join(
-        self,
-        joining: list[Submitted],
-        rows: list[_Row],
-        cache: KVCache | None,
-        logits: torch.Tensor | None,
-    ) -> tuple[list[_Row], KVCache, torch.Tensor]:
-        """Prefill each joining request alone, then merge its n rows into the batch."""
+    def _fail(self, joining: list[Submitted], error: BaseException) -> None:
+        """Fail every request in flight (and those just taken from the queue); start afresh."""
+        requests = {row.request for row in self._rows} | {p.request for p in self._prefills}
+        for request in requests | set(joining):
+            request._end(error)
+        self._prefills, self._rows, self._cache, self._logits = [], [], None, None
+
+    def _start(self, request: Submitted) -> _Prefill:
         param = next(self.model.parameters())
-        prefilled, new_logits, new_rows = [], [], []
-        for request in joining:
-            if request.cancelled.is_set():  # gone before it started
-                for sample in range(request.n):
-                    request._put(sample, _END)
+        length = len(request.prompt_ids)
+        return _Prefill(request, KVCache(self.model.cfg, 1, length, param.device, param.dtype))
+
+    def _prefill(self) -> list[tuple[_Prefill, torch.Tensor]]:
+        """Run the next prompt tokens of the waiting prefills, oldest first: at most
+        `prefill_chunk` while rows are decoding, all of them otherwise. Returns the prefills
+        now complete, with their last token's logits (1, V)."""
+        budget = self.prefill_chunk if self._rows else None
+        ready, waiting = [], []
+        for prefill in self._prefills:
+            request = prefill.request
+            if request.cancelled.is_set():  # gone before it started decoding
+                request._end()
                 continue
-            alone = KVCache(self.model.cfg, 1, len(request.prompt_ids), param.device, param.dtype)
-            ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=param.device)
-            new_logits.append(last_logits(self.model, ids, alone).expand(request.n, -1))
-            prefilled.append((alone, request.n))
+            take = prefill.left if budget is None else min(prefill.left, budget)
+            if take:
+                start = prefill.cache.length
+                chunk = request.prompt_ids[start : start + take]
+                ids = torch.tensor([chunk], dtype=torch.long, device=prefill.cache.k.device)
+                if take == prefill.left:
+                    ready.append((prefill, last_logits(self.model, ids, prefill.cache)))
+                    continue
+                self.model.hidden_states(ids, cache=prefill.cache)  # no logits mid-prompt
+                budget = None if budget is None else budget - take
+            waiting.append(prefill)
+        self._prefills = waiting
+        return ready
+
+    def _join(self, ready: list[tuple[_Prefill, torch.Tensor]]) -> None:
+        """Merge prefilled requests into the batch: n rows each, sharing the prompt's cache."""
+        param = next(self.model.parameters())
+        new_rows, new_logits = [], []
+        for prefill, logits in ready:
+            request = prefill.request
+            new_logits.append(logits.expand(request.n, -1))
             for sample in range(request.n):
                 seed = request.cfg.seed + sample
                 generator = torch.Generator(device=param.device).manual_seed(seed)
                 new_rows.append(_Row(request, sample, generator))
-        rows = rows + new_rows
-        room = max(row.left for row in rows)
-        cache = merge_caches(self.model, cache, prefilled, room, param.device, param.dtype)
-        logits = torch.cat([logits, *new_logits]) if logits is not None else torch.cat(new_logits)
-        return rows, cache, logits
+        self._rows += new_rows
+        room = max(row.left for row in self._rows)
+        parts = [(prefill.cache, prefill.request.n) for prefill, _ in ready]
+        self._cache = merge_caches(self.model, self._cache, parts, room, param.device, param.dtype)
+        old = [self._logits] if self._logits is not None else []
+        self._logits = torch.cat([*old, *new_logits])
 
-    def _step(
-        self, rows: list[_Row], cache: KVCache | None, logits: torch.Tensor | None
-    ) -> tuple[list[_Row], KVCache | None, torch.Tensor | None]:
+    def _decode(self) -> None:
         """Sample one token per row, drop the rows that ended, run the rest one step."""
+        rows, cache, logits = self._rows, self._cache, self._logits
         assert cache is not None and logits is not None
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for idx, cfg in _by_sampling(rows):
@@ -241,14 +289,15 @@ class ContinuousBatcher:
             else:
                 live.append(i)
         if not live:
-            return [], None, None
+            self._rows, self._cache, self._logits = [], None, None
+            return
         if len(live) < len(rows):
             keep = torch.tensor(live, device=tokens.device)
             cache.keep(keep)
             tokens, rows = tokens[keep], [rows[i] for i in live]
         self.steps += 1
         self.widest = max(self.widest, len(rows))
-        return rows, cache, self.step(self.model, tokens[:, None], cache)
+        self._rows, self._logits = rows, self.step(self.model, tokens[:, None], cache)
 
 
 def _by_sampling(rows: list[_Row]) -> Iterator[tuple[list[int], GenerateConfig]]:

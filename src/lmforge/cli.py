@@ -131,6 +131,7 @@ def cmd_serve(recipe: Recipe, args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
         compile=recipe.generate.compile,
     )
     serve(_assistant(recipe, args), args.host, args.port, cfg)
@@ -395,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--max-concurrency", type=int, default=8, help="requests decoding as one batch (8)"
             )
             p.add_argument("--max-queue", type=int, default=16, help="waiting; more get 503")
+            p.add_argument(
+                "--prefill-chunk",
+                type=int,
+                default=256,
+                help="prompt tokens prefilled per step while others decode (256)",
+            )
         if verb == "generate":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
         if verb == "export":

@@ -48,6 +48,9 @@ class ServeConfig:
     compile: bool = False
     """torch.compile the decode step (`generate.compile`): the first request waits for the
     compile, every later token is faster."""
+    prefill_chunk: int = 256
+    """Prompt tokens prefilled per step while other requests decode: a long prompt then delays
+    their next token by one chunk's forward pass, not by its whole prefill."""
     max_samples: int = 8
     """Most completions one request may ask for (`n`); the prompt is prefilled once and its n
     samples join the batch as n rows."""
@@ -127,7 +130,7 @@ class Held:
 
 def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
-    batcher = ContinuousBatcher(assistant.model, compile=cfg.compile)
+    batcher = ContinuousBatcher(assistant.model, cfg.compile, cfg.prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
