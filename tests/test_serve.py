@@ -300,3 +300,20 @@ def test_serve_flags_reach_the_server_config(monkeypatch: pytest.MonkeyPatch) ->
     assert got["p"] == 9 and got["c"] == ServeConfig(
         max_tokens=512, max_concurrency=3, max_queue=5, prefill_chunk=64
     )
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_the_batch(assistant: SlowAssistant) -> None:
+    app = create_app(assistant, ServeConfig(max_tokens=64))
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 64, "temperature": 0, "stream": True}
+    assistant.delay = 0.02
+    try:
+        with serving(app) as url:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+                next(r.iter_lines())  # the first event, then hang up
+            deadline = time.time() + 5
+            while app.state.batcher.busy and time.time() < deadline:
+                time.sleep(0.01)
+            assert not app.state.batcher.busy
+            assert app.state.batcher.steps < 32  # far from the 64 tokens asked for
+    finally:
+        assistant.delay = 0.0

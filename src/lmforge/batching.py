@@ -1,9 +1,10 @@
 """Continuous batching: requests that arrive while others decode join the running batch at its
 next step and leave it when they end, so concurrent requests share each read of the weights.
 
-One thread owns the model. Each step it prefills the requests that arrived (each alone, at its
-own length), merges their keys/values into the batch's left-padded cache, samples one token for
-every row, drops the rows that ended, and runs one forward pass for the rest. Every row draws
+One thread owns the model. Each step it prefills the prompts that arrived (each alone, at its
+own length; a chunk at a time while others decode), merges those complete into the batch's
+left-padded cache, samples one token for every row, drops the rows that ended, and runs one
+forward pass for the rest. Every row draws
 from its own generator (the request's seed + sample index), so a request gets what `generate`
 (n = 1) or `generate_samples` (n > 1) would give it alone, whatever else shares its steps.
 """
@@ -152,6 +153,11 @@ class ContinuousBatcher:
         """Decode steps run so far (forward passes over the batch, prefills not counted)."""
         self.widest = 0
         """Most rows decoded in one step so far."""
+
+    @property
+    def busy(self) -> bool:
+        """Requests queued, prefilling or decoding."""
+        return bool(self._pending or self._prefills or self._rows)
 
     def submit(
         self,

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -256,11 +257,12 @@ def _respond(
             held.release()
         return _body(kind, rid, req.model, choices, final=True)
 
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
+        pieces = assistant.pieces(request.tokens(), reply, stop)
         try:
             if kind == "chat.completion":  # the first chunk names the role
                 yield _sse(_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-            for piece in assistant.pieces(request.tokens(), reply, stop):
+            while (piece := await _next_in_thread(pieces)) is not None:
                 if kind == "chat.completion":
                     yield _sse(_chunk(rid, req.model, {"content": piece}, None))
                 else:
@@ -275,6 +277,13 @@ def _respond(
             held.release()
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _next_in_thread(items: Iterator[str]) -> str | None:
+    """next(items) on a worker thread (it waits for the batcher), None at the end. When the
+    client goes away the server cancels this await; the thread is left to finish on its own
+    and the stream's `finally` takes the request out of the batch at once."""
+    return await anyio.to_thread.run_sync(next, items, None, abandon_on_cancel=True)
 
 
 def _body(
