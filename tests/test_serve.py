@@ -123,6 +123,23 @@ def test_streaming_gives_the_same_text(client: openai.OpenAI) -> None:
     assert pieces[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_stream_options_include_usage_adds_a_last_usage_chunk(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": 16}
+    whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = list(
+        client.chat.completions.create(  # type: ignore[call-overload]
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == (
+        whole.choices[0].message.content
+    )
+    plain = list(client.chat.completions.create(**kwargs, stream=True))  # type: ignore[call-overload]
+    assert all(c.usage is None for c in plain)
+
+
 def test_bad_requests_get_clear_4xx(client: openai.OpenAI, server: str) -> None:
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' not found"):
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)  # type: ignore[arg-type]

@@ -68,6 +68,11 @@ class ChatMessage(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    """A last chunk, before [DONE], with the usage and no choices (OpenAI's shape)."""
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not implement are ignored
 
@@ -76,6 +81,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1)
@@ -271,6 +277,12 @@ def _respond(
                 yield _sse(_chunk(rid, req.model, {}, reply.finish_reason))
             else:
                 yield _sse(_body(kind, rid, req.model, [("", reply)], final=True))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
+                usage = {"choices": [], "usage": _usage([reply])}
+                created = int(time.time())
+                head = {"id": rid, "object": chunk_kind, "created": created, "model": req.model}
+                yield _sse({**head, **usage})
             yield "data: [DONE]\n\n"
         finally:
             request.cancel()
@@ -306,14 +318,19 @@ def _body(
         "choices": listed,
     }
     if final:
-        prompt_tokens = choices[0][1].prompt_tokens
-        completion_tokens = sum(reply.completion_tokens for _, reply in choices)
-        body["usage"] = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
+        body["usage"] = _usage([reply for _, reply in choices])
     return body
+
+
+def _usage(replies: list[Reply]) -> dict[str, int]:
+    """Token counts of the replies to one prompt."""
+    prompt_tokens = replies[0].prompt_tokens
+    completion_tokens = sum(reply.completion_tokens for reply in replies)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
