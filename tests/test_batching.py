@@ -148,6 +148,21 @@ def test_a_failed_step_fails_its_requests_and_the_batcher_goes_on(model: Llama) 
         batcher.submit(PROMPT, GREEDY)
 
 
+def test_a_failing_finished_callback_fails_only_its_own_request(model: Llama) -> None:
+    def broken(sample: int, ids: list[int]) -> bool:
+        raise KeyError("bad stop check")
+
+    batcher = ContinuousBatcher(model)
+    with slowed(model, 0.005):
+        good = batcher.submit(PROMPT, GREEDY)
+        bad = batcher.submit(PROMPT, GREEDY, n=2, finished=broken)
+        with pytest.raises(RuntimeError, match="batching thread") as failure:
+            bad.samples()
+        assert isinstance(failure.value.__cause__, KeyError)
+        assert good.samples() == [generate(model, PROMPT, GREEDY)]
+    batcher.close()
+
+
 def test_edge_cases_get_answers_or_clear_errors(model: Llama) -> None:
     batcher = ContinuousBatcher(model)
     none = GenerateConfig(max_new_tokens=0)

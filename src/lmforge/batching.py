@@ -284,12 +284,12 @@ class ContinuousBatcher:
             request = row.request
             row.ids.append(token)
             request._put(row.sample, token)
-            ended = (
-                token in request.stop_ids
-                or not row.left
-                or request.cancelled.is_set()
-                or (request.finished is not None and request.finished(row.sample, row.ids))
-            )
+            try:
+                ended = _ended(row, token)
+            except Exception as e:  # the request's own `finished` failed: it alone fails
+                request._end(e)
+                request.cancel()
+                continue
             if ended:
                 request._put(row.sample, _END)
             else:
@@ -304,6 +304,17 @@ class ContinuousBatcher:
         self.steps += 1
         self.widest = max(self.widest, len(rows))
         self._rows, self._logits = rows, self.step(self.model, tokens[:, None], cache)
+
+
+def _ended(row: _Row, token: int) -> bool:
+    """Whether the row ends with this token (just appended to row.ids)."""
+    request = row.request
+    return (
+        token in request.stop_ids
+        or not row.left
+        or request.cancelled.is_set()
+        or (request.finished is not None and request.finished(row.sample, row.ids))
+    )
 
 
 def _by_sampling(rows: list[_Row]) -> Iterator[tuple[list[int], GenerateConfig]]:
