@@ -243,7 +243,7 @@ class ContinuousBatcher:
             if take:
                 start = prefill.cache.length
                 chunk = request.prompt_ids[start : start + take]
-                ids = torch.tensor([chunk], dtype=torch.long, device=prefill.cache.k.device)
+                ids = torch.tensor([chunk], dtype=torch.long, device=prefill.cache.device)
                 if take == prefill.left:
                     ready.append((prefill, last_logits(self.model, ids, prefill.cache)))
                     continue
@@ -349,21 +349,19 @@ def merge_caches(
         first = int(batch.starts.min()) if batch.starts is not None else 0
         spans.append(batch.length - first)
     length = max(spans)
-    n_batch = batch.k.shape[1] if batch is not None else 0
+    n_batch = batch.batch_size if batch is not None else 0
     n_rows = n_batch + sum(n for _, n in prefilled)
     starts = torch.empty(n_rows, dtype=torch.long, device=device)
     merged = KVCache(model.cfg, n_rows, length + room, device, dtype)
     if batch is not None:
         shift = length - (batch.length - first)
-        merged.k[:, :n_batch, :, shift:length] = batch.k[:, :, :, first : batch.length]
-        merged.v[:, :n_batch, :, shift:length] = batch.v[:, :, :, first : batch.length]
+        merged.copy_in(slice(0, n_batch), shift, batch, slice(None), slice(first, batch.length))
         old = batch.starts if batch.starts is not None else torch.zeros_like(starts[:n_batch])
         starts[:n_batch] = old - first + shift
     row = n_batch
     for alone, n in prefilled:
         span = alone.length
-        merged.k[:, row : row + n, :, length - span : length] = alone.k[:, :, :, :span]
-        merged.v[:, row : row + n, :, length - span : length] = alone.v[:, :, :, :span]
+        merged.copy_in(slice(row, row + n), length - span, alone, slice(0, 1), slice(0, span))
         starts[row : row + n] = length - span
         row += n
     merged.length = length

@@ -220,8 +220,7 @@ def generate_samples(
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
         logits = last_logits(model, ids, prompt).expand(n, -1)  # the prefill, once
         cache = KVCache(model.cfg, n, max_len, param.device, param.dtype)
-        cache.k[..., : prompt.length, :] = prompt.k[..., : prompt.length, :]  # to every row
-        cache.v[..., : prompt.length, :] = prompt.v[..., : prompt.length, :]
+        cache.copy_in(slice(None), 0, prompt, slice(0, 1), slice(0, prompt.length))  # every row
         cache.length = prompt.length
         del prompt
         return _decode(

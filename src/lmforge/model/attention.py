@@ -54,12 +54,16 @@ FLEX_BLOCK_SIZE = 128
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (layers, B, KV heads, max_len, D).
+    """Preallocated keys/values for incremental decoding: per layer, (B, KV heads, max_len, D).
 
     Rows of different prompt lengths share one cache left-padded: every row writes its next token
     at slot `length`, and row b's own tokens start at slot starts[b] (its prompt right-aligned
     to the longest). `hidden_states` turns starts into each row's positions and a mask that hides
-    the padding (`left_padding`)."""
+    the padding (`left_padding`).
+
+    One tensor per layer, not one for all: with a single (layers, B, ...) tensor, a compiled
+    decode step whose batch size was dynamic rewrote the whole cache at every layer instead of
+    writing one slot, and decoded 8 rows 2.5x slower (benchmarks/notes/decode.md §10)."""
 
     def __init__(
         self,
@@ -70,9 +74,9 @@ class KVCache:
         dtype: torch.dtype,
         starts: torch.Tensor | None = None,
     ) -> None:
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.length = 0
         """Tokens already stored; the next call writes at this position."""
         if starts is not None and starts.shape != (batch_size,):
@@ -82,16 +86,34 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k[0].device
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store k, v (B, Hkv, T, D) after the cached prefix; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def copy_in(
+        self, rows: slice, at: int, source: KVCache, source_rows: slice, slots: slice
+    ) -> None:
+        """Copy `source`'s `slots` of `source_rows` into `rows` here, from slot `at` on, in
+        every layer; one source row fills as many rows as `rows` names."""
+        for mine, theirs in ((self.k, source.k), (self.v, source.v)):
+            for dst, src in zip(mine, theirs, strict=True):
+                part = src[source_rows, :, slots]
+                dst[rows, :, at : at + part.shape[2]] = part
 
     def left_padding(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (B, T) and attention mask (B, 1, T, length + T) of the next T tokens.
@@ -112,7 +134,7 @@ class KVCache:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (indices), in this order: drops finished sequences."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         if self.starts is not None:
             self.starts = self.starts[rows]
 
