@@ -14,7 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -136,8 +136,19 @@ def last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor
 
 @functools.cache
 def _compiled_last_logits() -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
-    """`last_logits` under torch.compile, built once per process."""
-    return torch.compile(last_logits, dynamic=True)
+    """`last_logits` under torch.compile, built once per process.
+
+    By default inductor inlined each RMSNorm (and SwiGLU's silu(gate)·up) into the next
+    one-row product, recomputing it for every output row: the head's kernel then did the
+    final norm's arithmetic 32,000 times and ran compute-bound. Realizing every pointwise
+    result (`realize_opcount_threshold` 1) leaves each product one multiply-add per weight:
+    batch-1 decoding 69.5 -> 75.1 tok/s, 8 rows level (benchmarks/notes/decode.md §10)."""
+    import torch._inductor.config as inductor_config
+
+    options: dict[str, str | int | bool | Callable[..., Any]] = {}
+    if hasattr(inductor_config, "realize_opcount_threshold"):  # absent in other versions
+        options["realize_opcount_threshold"] = 1
+    return torch.compile(last_logits, dynamic=True, options=options)
 
 
 def decode_step(compile: bool) -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
