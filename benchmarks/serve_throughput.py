@@ -13,13 +13,16 @@ order while fewer than --concurrency are in flight (serve's `max_concurrency`):
 - "HF continuous batching": transformers' `ContinuousBatchingManager` (paged KV cache, requests
   added while it runs) on the same weights, capacity for every admitted request.
 
-Each way's outputs are compared with "one at a time" (fp32: equal ids expected). The ways take
-turns for --rounds rounds (order alternating); the table gives each way's round with the
+With --compile, also "lmforge batcher, compiled": the batcher with serve's `generate.compile`.
+Each way's outputs are compared with "one at a time" (fp32: equal ids expected). After one
+warm-up round each (where compiling happens), the ways take turns for --rounds rounds (order
+alternating); the table gives each way's round with the
 shortest makespan (first arrival to last token): generated tokens per second over the makespan,
 and the latency of a request (its arrival to its last token), mean and 90th percentile.
 
     python benchmarks/serve_throughput.py                  # 16 requests, 2 per second
     python benchmarks/serve_throughput.py --rate 0         # a burst
+    python benchmarks/serve_throughput.py --compile        # and serve with generate.compile
     python benchmarks/serve_throughput.py --requests 4 --new-tokens 8 --rounds 1   # smoke test
 """
 
@@ -160,6 +163,9 @@ def main() -> None:
         help="comma-separated prefill_chunk of each lmforge batcher to run (0: whole prompts)",
     )
     ap.add_argument("--no-hf", action="store_true", help="leave HF's continuous batching out")
+    ap.add_argument(
+        "--compile", action="store_true", help="also a compiled lmforge batcher (serve's compile)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     model, hf, _ = build_models(torch.float32)
@@ -176,11 +182,12 @@ def main() -> None:
     }
     batchers = {}
     chunks = [int(c) for c in args.prefill_chunks.split(",")]
-    for chunk in chunks:
+    for chunk, compiled in [(c, False) for c in chunks] + [(chunks[0], True)] * args.compile:
         name = "lmforge batcher"
         if len(chunks) > 1:
             name += f", chunk {chunk}" if chunk else ", whole prompts"
-        batcher = ContinuousBatcher(model, prefill_chunk=chunk or 1 << 30)
+        name += ", compiled" if compiled else ""
+        batcher = ContinuousBatcher(model, compile=compiled, prefill_chunk=chunk or 1 << 30)
         batchers[name] = batcher
         ways[name] = (
             lambda p, b=batcher: streamed(b.submit(p, cfg).tokens()),  # type: ignore[misc]
@@ -194,8 +201,8 @@ def main() -> None:
             + (f"Poisson at {args.rate}/s over {arrivals[-1]:.1f} s" if args.rate else "at once")
             + f"; at most {args.concurrency} in flight; best of {args.rounds} alternating rounds"
         )
-        for handle, _ in ways.values():  # warm-up: two requests each
-            drive(prompts[:2], [0.0, 0.0], handle, 2)
+        for handle, concurrency in ways.values():  # warm-up (and compiles): a round each
+            drive(prompts, [0.0] * len(prompts), handle, concurrency)
         best: dict[str, Run] = {}
         for r in range(args.rounds):
             for name in list(ways)[:: 1 if r % 2 == 0 else -1]:
