@@ -39,10 +39,10 @@ class GenerateConfig:
     compile: bool = False
     """torch.compile the one-token decode step (the prompt's prefill stays eager). One compile,
     with dynamic shapes, serves every prompt and cache length. On a 2-core Intel Xeon it took
-    18-30 s and then decoded 1.08x (fp32) to 1.16x (bf16) faster; on a 2-core AMD EPYC, 1.35-1.6x
-    in fp32 (inductor's own kernel for one-row products reads the weights faster there than
-    MKL or oneDNN; benchmarks/notes/decode.md §9): worth it in a server or a long generation,
-    not a short one."""
+    18-30 s and then decoded 1.08x (fp32) to 1.16x (bf16) faster; on a 2-core AMD EPYC ~2x in
+    fp32 at batch 1 (inductor's own kernel for one-row products reads the weights faster there
+    than MKL or oneDNN) and 1.2-1.3x at 4-8 rows (benchmarks/notes/decode.md §9-10): worth it
+    in a server or a long generation, not a short one."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
