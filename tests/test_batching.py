@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
 
+from lmforge import batching
 from lmforge.batching import ContinuousBatcher, merge_caches
 from lmforge.generate import GenerateConfig, generate, generate_samples, last_logits
 from lmforge.model.attention import KVCache
@@ -146,6 +149,32 @@ def test_a_failed_step_fails_its_requests_and_the_batcher_goes_on(model: Llama) 
     batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(PROMPT, GREEDY)
+
+
+def test_a_request_that_fails_between_prefill_and_batch_gets_the_error(
+    model: Llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt prefilled in chunks over several steps whose merge into the batch fails: it
+    and the request already decoding both get the error rather than waiting forever."""
+    merges = []
+
+    def merge_once(*args: Any) -> KVCache:
+        merges.append(args)
+        if len(merges) > 1:
+            raise MemoryError("no room for the merged cache")
+        return merge_caches(*args)
+
+    monkeypatch.setattr(batching, "merge_caches", merge_once)
+    batcher = ContinuousBatcher(model, prefill_chunk=2)
+    with slowed(model, 0.005), ThreadPoolExecutor(2) as pool:
+        first = batcher.submit(PROMPT, GREEDY).tokens()
+        next(first)  # decoding
+        late = batcher.submit(list(range(1, 12)), GREEDY)  # six steps of prefill
+        for waiting in (pool.submit(late.samples), pool.submit(list, first)):
+            with pytest.raises(RuntimeError, match="batching thread"):
+                waiting.result(timeout=30)
+    assert len(merges) == 2
+    batcher.close()
 
 
 def test_a_failing_finished_callback_fails_only_its_own_request(model: Llama) -> None:

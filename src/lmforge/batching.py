@@ -25,6 +25,7 @@ from lmforge.generate import (
     check_prompts,
     decode_step,
     last_logits,
+    row_generators,
     sample_rows,
 )
 from lmforge.model.attention import KVCache
@@ -204,6 +205,7 @@ class ContinuousBatcher:
             if closed:
                 self._fail(joining, RuntimeError("ContinuousBatcher closed"))
                 return
+            ready: list[tuple[_Prefill, torch.Tensor]] = []
             try:
                 with torch.inference_mode():
                     self._prefills += [self._start(r) for r in joining]
@@ -214,10 +216,11 @@ class ContinuousBatcher:
                         self._decode()
             except Exception as e:  # the requests in flight fail; the server goes on
                 log.exception("batched decode step failed")
-                self._fail(joining, e)
+                self._fail(joining + [prefill.request for prefill, _ in ready], e)
 
     def _fail(self, joining: list[Submitted], error: BaseException) -> None:
-        """Fail every request in flight (and those just taken from the queue); start afresh."""
+        """Fail every request in flight, and `joining` (taken from the queue, or prefilled but
+        not yet in the batch); start afresh."""
         requests = {row.request for row in self._rows} | {p.request for p in self._prefills}
         for request in requests | set(joining):
             request._end(error)
@@ -260,10 +263,8 @@ class ContinuousBatcher:
         for prefill, logits in ready:
             request = prefill.request
             new_logits.append(logits.expand(request.n, -1))
-            for sample in range(request.n):
-                seed = request.cfg.seed + sample
-                generator = torch.Generator(device=param.device).manual_seed(seed)
-                new_rows.append(_Row(request, sample, generator))
+            generators = row_generators(request.cfg, request.n, param.device)
+            new_rows += [_Row(request, i, g) for i, g in enumerate(generators)]
         self._rows += new_rows
         room = max(row.left for row in self._rows)
         parts = [(prefill.cache, prefill.request.n) for prefill, _ in ready]
