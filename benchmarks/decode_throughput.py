@@ -13,8 +13,9 @@ Both decode greedily a fixed number of new tokens after a random prompt, with no
 - batch > 1, lmforge: `lmforge.generate.generate_batch` at temperature 0, its `finished`
   callback noting when the first new token arrives (the prompts are of equal length here:
   batch_throughput.py times prompts of different lengths);
-- batch 1, `--compile`: also "lmforge compiled", `generate_stream` with `generate.compile`
-  (its decode step under torch.compile; the first, compiling generation is timed apart);
+- `--compile`: also "lmforge compiled" (batch 1, `generate_stream`) and "lmforge batch
+  compiled" (`generate_batch`) with `generate.compile` (the decode step under torch.compile;
+  the first, compiling generation is timed apart);
 - HF: `model.generate(do_sample=False, min_new_tokens=max_new_tokens=N, eos_token_id=None)`,
   all prompts of equal length (no padding), with a streamer that only notes when the first new
   token arrives (HF hands it every token anyway; the cost is one call per step);
@@ -193,11 +194,12 @@ def lmforge_generate(model: Any, prompts: torch.Tensor, n: int, compile: bool = 
     return Run(t1 - t0, t2 - t0, torch.tensor([out]))
 
 
-def lmforge_batch(model: Any, prompts: torch.Tensor, n: int) -> Run:
-    """lmforge's batched generate path: `generate_batch`, greedy, no stop ids."""
+def lmforge_batch(model: Any, prompts: torch.Tensor, n: int, compile: bool = False) -> Run:
+    """lmforge's batched generate path: `generate_batch`, greedy, no stop ids; compile: its
+    torch.compile'd decode step."""
     from lmforge.generate import GenerateConfig, generate_batch
 
-    cfg = GenerateConfig(max_new_tokens=n, temperature=0.0, top_k=None, top_p=None)
+    cfg = GenerateConfig(max_new_tokens=n, temperature=0.0, top_k=None, top_p=None, compile=compile)
     first: list[float] = []
 
     def clock(row: int, new: list[int]) -> bool:
@@ -269,6 +271,7 @@ def litgpt_generate(model: Any, prompts: torch.Tensor, n: int) -> Run:
 
 
 COMPILED = "lmforge compiled"
+COMPILED_BATCH = "lmforge batch compiled"
 
 
 def lmforge_impl(batch: int) -> str:
@@ -284,7 +287,7 @@ def decode(impl: str, ours: Any, hf: Any, prompts: torch.Tensor, n: int, litgpt:
         return lmforge_generate(ours, prompts, n)
     if impl == COMPILED:
         return lmforge_generate(ours, prompts, n, compile=True)
-    return lmforge_batch(ours, prompts, n)
+    return lmforge_batch(ours, prompts, n, compile=impl == COMPILED_BATCH)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,18 +389,20 @@ def _bench_dtype(
     series = []
     for batch in args.batch_sizes:
         x = prompts[:batch]
-        impls = [lmforge_impl(batch), "hf"] + ([COMPILED] if args.compile and batch == 1 else [])
+        impls = [lmforge_impl(batch), "hf"]
+        impls += [COMPILED if batch == 1 else COMPILED_BATCH] if args.compile else []
         impls += ["litgpt"] if litgpt is not None and batch == 1 else []
         group = {impl: Series(impl, name, batch) for impl in impls}
         warm = {}
-        for _ in range(max(args.warmup, 1 if COMPILED in impls else 0)):  # compiles on the 1st
+        for _ in range(max(args.warmup, int(args.compile))):  # compiles on the 1st
             for impl in impls:
                 t0 = time.perf_counter()
                 warm[impl] = decode(impl, ours, hf, x, n, litgpt)
-                if impl == COMPILED and "compile_s" not in info:
-                    info["compile_s"] = time.perf_counter() - t0
-                    print(f"{COMPILED}: first generation (compiling) {info['compile_s']:.1f} s")
-        for impl in impls[:1] if batch > 1 else impls[2:]:
+                key = f"compile_s_batch{batch}"
+                if impl in (COMPILED, COMPILED_BATCH) and key not in info:
+                    info[key] = time.perf_counter() - t0
+                    print(f"{impl}: first generation (compiling) {info[key]:.1f} s")
+        for impl in [i for i in impls if i != "hf" and (batch > 1 or i != "lmforge")]:
             p = compare_ids(ours, hf, x, warm[impl].tokens, warm["hf"].tokens)
             info[f"parity_batch{batch}_{impl}"] = p
             print(f"greedy ids, batch {batch}, {impl} vs HF: {describe_parity(p, n)}")
@@ -471,7 +476,8 @@ def report(series: list[Series], bandwidth: float, infos: dict[str, dict[str, An
         "\nprefill = time to the first new token (median); decode tok/s = (N-1)/(total - prefill)"
         " per sequence x batch; bound = batch x measured bandwidth / weight bytes read per token;"
         "\n'lmforge' = generate_stream (its generate API), 'lmforge compiled' = the same with"
-        " generate.compile, 'lmforge batch' = generate_batch; / HF = the row's decode tok/s"
+        " generate.compile, 'lmforge batch' = generate_batch (and 'compiled' with it); / HF ="
+        " the row's decode tok/s"
         " over HF's (same dtype and batch)."
     )
     for d, b in bound1.items():
