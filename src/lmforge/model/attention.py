@@ -63,7 +63,7 @@ class KVCache:
 
     One tensor per layer, not one for all: with a single (layers, B, ...) tensor, a compiled
     decode step whose batch size was dynamic rewrote the whole cache at every layer instead of
-    writing one slot, and decoded 8 rows 2.5x slower (benchmarks/notes/decode.md §10)."""
+    writing one slot, and decoded 8 rows 2.8x slower (benchmarks/notes/decode.md §10)."""
 
     def __init__(
         self,
