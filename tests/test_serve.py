@@ -233,6 +233,20 @@ def test_serve_compile_reaches_the_batched_decode_step(
     assert seen == [True, False]
 
 
+def test_the_server_warms_its_batcher_up_before_serving(assistant: SlowAssistant) -> None:
+    """Startup decodes padded rows ending one by one, equal rows and a lone request: with
+    `compile`, every graph is built before the first request."""
+    from starlette.testclient import TestClient
+
+    app = create_app(assistant, ServeConfig(max_tokens=8))
+    with TestClient(app) as http:
+        assert app.state.batcher.widest == 3 and not app.state.batcher.busy
+        steps = app.state.batcher.steps
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0}
+        assert http.post("/v1/completions", json=body).status_code == 200
+        assert app.state.batcher.steps == steps + 1
+
+
 def test_concurrent_requests_share_one_batch_and_get_their_own_replies(
     assistant: SlowAssistant,
 ) -> None:
@@ -258,6 +272,7 @@ def test_concurrent_requests_share_one_batch_and_get_their_own_replies(
 
     with serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        app.state.batcher.widest = 0  # forget the warm-up's batches
         alone = [ask(client, i) for i in range(4)]
         assert app.state.batcher.widest == 1
         assistant.delay = 0.02

@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from lmforge.checkpoint import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import TextTokenizer
@@ -145,11 +143,6 @@ class Assistant:
         text = self.tokenizer.decode(ids)
         if len(text) > len(sent):
             yield text[len(sent) :]
-
-    @torch.no_grad()
-    def warm_up(self) -> None:
-        """One short generation, so the first request does not pay for lazy initialisation."""
-        list(generate_stream(self.model, [self.tokenizer.bos_id], GenerateConfig(max_new_tokens=1)))
 
 
 def chat_loop(

@@ -187,6 +187,23 @@ class ContinuousBatcher:
             self._wake.notify()
         return request
 
+    def warm_up(self) -> None:
+        """Decode a few tiny requests in the shapes serving meets: left-padded rows that end one
+        by one down to one, rows of equal length (no padding), and one request alone. Compiled
+        (`compile`), that builds every graph before the first real request instead of making
+        it and its batch wait for each compile in turn."""
+        greedy = [GenerateConfig(max_new_tokens=n, temperature=0.0) for n in range(5)]
+        waves = [
+            [([1, 2, 3], 4), ([1, 2], 3), ([1], 2)],
+            [([1, 2], 3), ([2, 1], 2)],
+            [([1, 2, 3], 2)],
+        ]
+        for wave in waves:
+            with self._wake:  # re-entrant: the thread takes the whole wave as one batch
+                requests = [self.submit(prompt, greedy[n]) for prompt, n in wave]
+            for request in requests:
+                request.samples()
+
     def close(self) -> None:
         """Stop the thread after its current step; requests still queued or decoding fail."""
         with self._wake:
