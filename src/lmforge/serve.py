@@ -50,8 +50,7 @@ class ServeConfig:
     compile: bool = False
     """torch.compile the decode step (`generate.compile`): the server compiles every graph
     serving needs before it starts listening (4 graphs, 136 s for the reference model on a
-    2-core CPU; later traffic compiled nothing more), then every token is
-    faster."""
+    2-core CPU; later traffic compiled nothing more), then every token is faster."""
     prefill_chunk: int = 256
     """Prompt tokens prefilled per step while other requests decode: a long prompt then delays
     their next token by one chunk's forward pass, not by its whole prefill."""
