@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.llama import Llama
 
 os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +40,17 @@ TINY_OVERRIDES = [
     "generate.max_new_tokens=8",
 ]
 """Overrides that shrink the demo recipe to a few seconds on 2 CPU cores."""
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Llama:
+    """A tiny untrained Llama in eval mode whose logits are sharp enough (init_std 0.2) that
+    greedy ids rarely tie; the decoding tests compare one decoding path with another on it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=96, init_std=0.2
+    )
+    return Llama(cfg).eval()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from lmforge.generate import (
     sample_next,
 )
 from lmforge.model.attention import KVCache
-from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 
 GREEDY = GenerateConfig(max_new_tokens=12, temperature=0.0)
@@ -25,12 +24,8 @@ PROMPT = [5, 17, 3, 42, 8]
 
 
 @pytest.fixture(scope="module")
-def model() -> Llama:
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=96, init_std=0.2
-    )
-    return Llama(cfg).eval()
+def model(decoder: Llama) -> Llama:
+    return decoder
 
 
 def greedy_by_recompute(model: Llama, prompt: list[int], n: int) -> list[int]:
