@@ -81,3 +81,26 @@ def test_one_token_through_onednn_without_gradients(monkeypatch: pytest.MonkeyPa
     layer(x).sum().backward()  # with gradients: sgemv
     assert len(calls) == 1
     torch.testing.assert_close(layer.weight.grad, x.reshape(1, 48).expand(80, 48))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_one_token_takes_the_matrix_vector_product(dtype: torch.dtype) -> None:
+    """Under torch.compile one token takes mv in every dtype (inductor turns it into one pass
+    over the weights) and computes F.linear's function; a few tokens keep the matrix path."""
+    traced: list[set] = []
+
+    def record(gm: torch.fx.GraphModule, _inputs: list) -> object:
+        traced.append({node.target for node in gm.graph.nodes})
+        return gm.forward
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80).to(dtype)
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    for x in (torch.randn(1, 1, 48, dtype=dtype), torch.randn(1, 48, dtype=dtype)):
+        fast = compiled(x)
+        ref = F.linear(x.float(), layer.weight.float()).to(dtype)
+        assert fast.shape == ref.shape and fast.dtype == dtype
+        torch.testing.assert_close(fast, ref)  # dtype-aware tolerances
+    assert all(torch.mv in ops for ops in traced)
+    compiled(torch.randn(3, 48, dtype=dtype))
+    assert torch.mv not in traced[-1]

@@ -13,9 +13,11 @@ a few rows (x @ W.T: MKL's matrix-matrix kernel with a transposed weight) read t
   the block products 0.6-1.0x, and batched decoding ran 1.45x faster at 4 rows, 1.09x at 8
   and 1.10x at 16;
 
-at 128 rows and more the two are level. bf16 weights were slower on both paths, so only fp32
-CPU weights take them (benchmarks/notes/decode.md §1 and §5). Everything else is `nn.Linear`:
-same parameters, same state-dict keys, same function (to rounding).
+at 128 rows and more the two are level. bf16 weights were slower on both eager paths, so only
+fp32 CPU weights take them (benchmarks/notes/decode.md §1 and §5). Compiled, one row takes `mv`
+in every dtype: inductor turns it into one pass over the weights, where bf16 weights otherwise
+went to an external matrix kernel (bf16 decoding 90 -> 97 tok/s, decode.md §11). Everything
+else is `nn.Linear`: same parameters, same state-dict keys, same function (to rounding).
 """
 
 from __future__ import annotations
@@ -56,18 +58,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if (
-            rows <= SMALL_ROWS
-            and self.weight.dtype == torch.float32  # bf16 measured slower on both paths
-            and self.weight.device.type == "cpu"  # where it was measured
-            and not torch.is_autocast_enabled(x.device.type)
-        ):
-            flat = x.reshape(rows, self.in_features)
-            if rows == 1 and ONEDNN_FOR_ONE_ROW and _eager_without_grad():
+        on_cpu = self.weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        fp32 = self.weight.dtype == torch.float32  # bf16 measured slower on both eager paths
+        if on_cpu and rows == 1 and (fp32 or torch.compiler.is_compiling()):
+            flat = x.reshape(1, self.in_features)
+            if fp32 and ONEDNN_FOR_ONE_ROW and _eager_without_grad():
                 out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
-            elif rows == 1:
+            else:  # compiled, inductor turns mv into a loop that reads each weight once
                 out = torch.mv(self.weight, flat[0])
-            else:  # (out, in) @ (in, rows), then back to (rows, out) in row order
-                out = torch.mm(self.weight, flat.t()).t().contiguous()
-            return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        elif on_cpu and fp32 and rows <= SMALL_ROWS:
+            # (out, in) @ (in, rows), then back to (rows, out) in row order
+            flat = x.reshape(rows, self.in_features)
+            out = torch.mm(self.weight, flat.t()).t().contiguous()
+        else:
+            return F.linear(x, self.weight)
+        return out.view(*x.shape[:-1], self.out_features)
