@@ -263,3 +263,15 @@ def test_eval_needle_writes_the_grid_and_heatmap(
     assert "length 8 is shorter than the passkey prompt" in capsys.readouterr().err
     assert main(["eval", *args, "--needle", "64,x"]) == 2
     assert "--needle: expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_importing_the_cli_leaves_compiler_and_checkpoint_machinery_unloaded() -> None:
+    """Verbs that never compile or checkpoint (plan, tokenize, runs, --help) must not pay for
+    torch._dynamo (70 MB, 1.4 s) or torch.distributed.checkpoint (45 MB, 1.5 s) at start-up:
+    they load when a model is compiled or a checkpoint is written or read."""
+    code = (
+        "import sys, lmforge.cli, lmforge.serve; "
+        "print([m for m in ('torch._dynamo', 'torch.distributed.checkpoint') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

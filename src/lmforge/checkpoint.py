@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
@@ -121,6 +120,7 @@ def start_checkpoint(
     copied, then written by a background thread while training goes on. consolidate: also
     gather the full weights into model.safetensors on rank 0."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     final = directory / f"step_{state.step:08d}"
     tmp = directory / f".tmp-{final.name}"
@@ -273,7 +273,7 @@ def _load_sharded_model(path: Path, model: nn.Module) -> None:
     """The weights from the DCP folder, each rank reading the pieces of its own shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     template = {"model": get_model_state_dict(model)}
     try:
