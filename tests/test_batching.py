@@ -89,6 +89,51 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_batchs_steps(model: Ll
     assert all(calls[i + 1] == (1, 1) for i in chunks[:-1])  # the running row's step between
 
 
+def test_prompts_arriving_together_share_one_chunk_budget(model: Llama) -> None:
+    """Several short prompts that arrive while a row decodes are prefilled at most
+    `prefill_chunk` tokens between two steps, counting the ones that complete."""
+    batcher = ContinuousBatcher(model, prefill_chunk=4)
+    events: list[int | None] = []  # prompt tokens of a prefill pass; None: a decode step
+    decode, stepping = batcher.step, [False]
+
+    def step(*args: Any) -> torch.Tensor:
+        events.append(None)
+        stepping[0] = True
+        try:
+            return decode(*args)
+        finally:
+            stepping[0] = False
+
+    def prefill(_: Any, args: tuple[torch.Tensor, ...]) -> None:
+        if not stepping[0]:
+            events.append(args[0].shape[1])
+
+    batcher.step = step
+    hook = model.embed_tokens.register_forward_pre_hook(prefill)
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9], list(range(1, 11))]
+    try:
+        with slowed(model, 0.01):
+            stream = batcher.submit(PROMPT, GREEDY).tokens()
+            first = [next(stream) for _ in range(2)]
+            with batcher._wake:  # all four join at the same step
+                late = [batcher.submit(prompt, GREEDY) for prompt in prompts]
+            results = [request.samples()[0] for request in late]
+            first += list(stream)
+    finally:
+        hook.remove()
+        batcher.close()
+    assert first == generate(model, PROMPT, GREEDY)
+    assert results == [generate(model, prompt, GREEDY) for prompt in prompts]
+    between_steps, prefilled = [], 0
+    for event in events[2:]:  # after the first prompt and its first step
+        if event is None:
+            between_steps.append(prefilled)
+            prefilled = 0
+        else:
+            prefilled += event
+    assert max(between_steps) == 4 and sum(between_steps) + prefilled == 19
+
+
 def test_merging_drops_padding_of_ended_rows_and_keeps_every_rows_function(model: Llama) -> None:
     """Rows of 6 and 2 prompt tokens, left-padded; the long one ends. Merging a 3-token prompt
     keeps only the short row's own slots (compacted from 6 to 3) and the next step's logits of
@@ -183,6 +228,30 @@ def test_a_failing_finished_callback_fails_only_its_own_request(model: Llama) ->
         with pytest.raises(RuntimeError, match="batching thread") as failure:
             bad.samples()
         assert isinstance(failure.value.__cause__, KeyError)
+        assert good.samples() == [generate(model, PROMPT, GREEDY)]
+    batcher.close()
+
+
+def test_sampling_that_fails_fails_only_the_requests_sampled_that_way(
+    model: Llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are sampled in groups of equal settings; a group that raises ends its requests
+    (every sample) with the error, and the rest of the batch decodes on."""
+    real = batching.sample_rows
+
+    def picky(logits: torch.Tensor, cfg: GenerateConfig, gens: Any) -> torch.Tensor:
+        if cfg.temperature == 0.5:
+            raise FloatingPointError("probabilities are not finite")
+        return real(logits, cfg, gens)
+
+    monkeypatch.setattr(batching, "sample_rows", picky)
+    batcher = ContinuousBatcher(model)
+    with slowed(model, 0.005):
+        good = batcher.submit(PROMPT, GREEDY)
+        bad = batcher.submit(PROMPT, GenerateConfig(max_new_tokens=9, temperature=0.5), n=2)
+        with pytest.raises(RuntimeError, match="batching thread") as failure:
+            bad.samples()
+        assert isinstance(failure.value.__cause__, FloatingPointError)
         assert good.samples() == [generate(model, PROMPT, GREEDY)]
     batcher.close()
 

@@ -125,6 +125,22 @@ def test_top_p_samples_only_inside_the_nucleus() -> None:
     assert seen == {0, 1}
 
 
+def test_a_tiny_temperature_samples_the_argmax_and_bad_seeds_are_refused() -> None:
+    """Dividing logits by 1e-40 overflows to inf; sampling must still give the argmax (ties:
+    one of the tied), not NaN probabilities. Seeds a generator cannot take fail at once."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.5, 0.5, -2.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(None, None), (2, None), (None, 0.9)]:
+        cfg = GenerateConfig(temperature=1e-40, top_k=top_k, top_p=top_p)
+        for _ in range(10):
+            first, second = sample_next(logits, cfg, g).tolist()
+            assert first == 1 and second in (0, 1)
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match="generate.seed"):
+            GenerateConfig(seed=seed)
+    GenerateConfig(seed=2**63 - 1)
+
+
 def test_generate_restores_training_mode(model: Llama) -> None:
     model.train()
     try:

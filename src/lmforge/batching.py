@@ -261,6 +261,7 @@ class ContinuousBatcher:
                 continue
             take = prefill.left if budget is None else min(prefill.left, budget)
             if take:
+                budget = None if budget is None else budget - take  # counts finished prompts too
                 start = prefill.cache.length
                 chunk = request.prompt_ids[start : start + take]
                 ids = torch.tensor([chunk], dtype=torch.long, device=prefill.cache.device)
@@ -268,7 +269,6 @@ class ContinuousBatcher:
                     ready.append((prefill, last_logits(self.model, ids, prefill.cache)))
                     continue
                 self.model.hidden_states(ids, cache=prefill.cache)  # no logits mid-prompt
-                budget = None if budget is None else budget - take
             waiting.append(prefill)
         self._prefills = waiting
         return ready
@@ -293,13 +293,23 @@ class ContinuousBatcher:
         """Sample one token per row, drop the rows that ended, run the rest one step."""
         rows, cache, logits = self._rows, self._cache, self._logits
         assert cache is not None and logits is not None
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+        failed: dict[Submitted, Exception] = {}
         for idx, cfg in _by_sampling(rows):
             gens = [rows[i].generator for i in idx]
-            tokens[idx] = sample_rows(logits[idx], cfg, gens)
+            try:
+                tokens[idx] = sample_rows(logits[idx], cfg, gens)
+            except Exception as e:  # these rows' own settings failed: their requests alone fail
+                log.exception("sampling failed for %d rows", len(idx))
+                failed.update((rows[i].request, e) for i in idx)
         live = []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             request = row.request
+            if request in failed:
+                if not request.cancelled.is_set():  # once per request, not per sample
+                    request._end(failed[request])
+                    request.cancel()
+                continue
             row.ids.append(token)
             request._put(row.sample, token)
             try:

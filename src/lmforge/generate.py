@@ -45,6 +45,8 @@ class GenerateConfig:
     in a server or a long generation, not a short one."""
 
     def __post_init__(self) -> None:
+        if not -(2**63) <= self.seed < 2**63:  # so that every row's seed + i fits a generator
+            raise ValueError(f"generate.seed must be in [-2**63, 2**63), got {self.seed}")
         if self.max_new_tokens < 0:
             raise ValueError(f"generate.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -91,8 +93,12 @@ def _top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def _filtered_probs(logits: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
-    """Probabilities (B, V) after temperature, top-k, then top-p (cfg.temperature > 0)."""
-    logits = logits.float() / cfg.temperature
+    """Probabilities (B, V) after temperature, top-k, then top-p (cfg.temperature > 0).
+
+    The row's largest logit is subtracted before dividing: at a tiny temperature (1e-40) the
+    quotient would otherwise overflow to inf, and softmax turn inf - inf into NaN."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k is not None:
         logits = _top_k_filter(logits, cfg.top_k)
     if cfg.top_p is not None and cfg.top_p < 1:
