@@ -149,6 +149,8 @@ def test_bad_requests_get_clear_4xx(client: openai.OpenAI, server: str) -> None:
         client.completions.create(model="tiny", prompt="hi", max_tokens=999)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="hi", temperature=5)
+    with pytest.raises(openai.BadRequestError, match="seed"):  # no generator takes it
+        client.completions.create(model="tiny", prompt="hi", seed=2**64)
     bad = [
         (b"{not json", 400, "not valid JSON"),
         (b'{"model": "tiny"}', 400, "messages"),
@@ -349,3 +351,97 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(assistant: SlowAs
             assert app.state.batcher.steps < 32  # far from the 64 tokens asked for
     finally:
         assistant.delay = 0.0
+
+
+def test_a_client_that_hangs_up_on_a_whole_reply_leaves_the_batch(
+    assistant: SlowAssistant,
+) -> None:
+    app = create_app(assistant, ServeConfig(max_tokens=64))
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 64, "temperature": 0}
+    assistant.delay = 0.02
+    try:
+        with serving(app) as url:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/completions", json=body, timeout=0.2)
+            deadline = time.time() + 5
+            while app.state.batcher.busy and time.time() < deadline:
+                time.sleep(0.01)
+            assert not app.state.batcher.busy
+            assert app.state.batcher.steps < 32  # far from the 64 tokens asked for
+    finally:
+        assistant.delay = 0.0
+
+
+def test_many_waiting_requests_do_not_starve_the_running_stream(
+    assistant: SlowAssistant,
+) -> None:
+    """More requests waiting for a slot than the thread pool has threads (40): the stream
+    holding the slot still gets its tokens, and the server still answers."""
+    app = create_app(assistant, ServeConfig(max_tokens=16, max_concurrency=1, max_queue=44))
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 16, "temperature": 0, "stream": True}
+    short = {**body, "max_tokens": 1, "stream": False}
+    assistant.delay = 0.03
+    try:
+        with serving(app) as url, httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                next(lines)  # it holds the slot
+                with ThreadPoolExecutor(44) as pool:
+                    waiting = [
+                        pool.submit(http.post, f"{url}/v1/completions", json=short)
+                        for _ in range(44)
+                    ]
+                    time.sleep(0.5)  # all of them queued behind the stream
+                    rest = [line for line in lines if line]
+                    assert rest[-1] == "data: [DONE]"
+                    assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
+                    assert [w.result().status_code for w in waiting] == [200] * 44
+    finally:
+        assistant.delay = 0.0
+
+
+def test_no_queue_still_serves_an_idle_server_and_seeds_vary(assistant: SlowAssistant) -> None:
+    """max_queue 0 refuses waiting, not running; unseeded sampled requests differ (a fresh
+    seed each), seeded ones repeat."""
+    app = create_app(assistant, ServeConfig(max_tokens=12, max_concurrency=1, max_queue=0))
+    body = {"model": "tiny", "prompt": "The river", "max_tokens": 12, "temperature": 1.0}
+    with serving(app) as url:
+        texts = []
+        for seed in (None, None, None, 7, 7):
+            r = httpx.post(f"{url}/v1/completions", json={**body, "seed": seed})
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["text"])
+    assert len(set(texts[:3])) == 3 and texts[3] == texts[4]
+
+
+def test_generation_failures_get_openai_errors_whole_or_streamed(
+    assistant: SlowAssistant,
+) -> None:
+    """A failing model step: a JSON 500 for a whole reply, an error event mid-stream (the
+    OpenAI client raises on both), and the server serves the next request."""
+    fail = [False]
+
+    def broken(*_: object) -> None:
+        if fail[0]:
+            raise FloatingPointError("the model produced NaN")
+
+    hook = assistant.model.lm_head.register_forward_pre_hook(broken)
+    app = create_app(assistant, ServeConfig(max_tokens=16))
+    try:
+        with serving(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            fail[0] = True
+            with pytest.raises(openai.InternalServerError, match="FloatingPointError"):
+                client.completions.create(model="tiny", prompt="hi", max_tokens=8)
+            fail[0] = False
+            stream = client.completions.create(
+                model="tiny", prompt="hi", max_tokens=16, temperature=0, stream=True
+            )
+            with pytest.raises(openai.APIError, match="FloatingPointError"):
+                for i, _ in enumerate(stream):
+                    fail[0] = i >= 2  # after a few tokens
+            fail[0] = False
+            reply = client.completions.create(model="tiny", prompt="hi", max_tokens=4)
+            assert reply.choices[0].finish_reason in ("length", "stop")
+    finally:
+        hook.remove()

@@ -3,21 +3,24 @@
 
 Built on FastAPI (pydantic validates every request). Bad input never reaches the model and never
 takes the server down: malformed JSON or a wrong field is a 400, an unknown model a 404, a body
-over `max_request_bytes` a 413, a prompt that leaves no room in the context a 400, and more
-requests than `max_concurrency` generating plus `max_queue` waiting a 503. Errors use OpenAI's
-shape, {"error": {"message", "type", "param", "code"}}, so its clients raise the usual
-exceptions. Requests that generate at once decode as one batch (`batching.ContinuousBatcher`):
-a request joins the running batch at its next step and leaves it when done, so each step reads
-the weights once for all of them.
+over `max_request_bytes` a 413, a prompt that leaves no room in the context a 400, more requests
+than `max_concurrency` generating plus `max_queue` waiting a 503, and a generation that fails a
+500 (mid-stream: an error event). Errors use OpenAI's shape, {"error": {"message", "type",
+"param", "code"}}, so its clients raise the usual exceptions.
+
+Requests that generate at once decode as one batch (`batching.ContinuousBatcher`): a request
+joins the running batch at its next step and leaves it when done or when its client hangs up,
+so each step reads the weights once for all of them.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import logging
+import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +28,7 @@ from typing import Any, Literal
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -33,6 +36,8 @@ from lmforge.assistant import Assistant, Reply
 from lmforge.batching import ContinuousBatcher
 from lmforge.data.chat import Message
 from lmforge.generate import GenerateConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +90,8 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    """None: a fresh random seed, so that repeated requests get different samples."""
     n: int = Field(default=1, ge=1)
 
 
@@ -99,34 +105,55 @@ class ChatRequest(_Sampling):
 
 
 class Slots:
-    """At most `concurrency` holders; at most `queue` more waiting, the rest refused."""
+    """At most `concurrency` holders; at most `queue` more waiting, the rest refused. Waiting
+    holds no thread: a sync wait held one of the thread pool's 40, and 40 waiters left no
+    thread for the streams that would free their slots. Lives on the event loop."""
 
     def __init__(self, concurrency: int, queue: int) -> None:
-        self.run = threading.Semaphore(concurrency)
-        self.lock = threading.Lock()
-        self.waiting, self.queue = 0, queue
+        self.concurrency, self.queue, self.waiting = concurrency, queue, 0
+        self._run: anyio.Semaphore | None = None
+        self._threads: anyio.CapacityLimiter | None = None
 
-    def acquire(self) -> None:
-        with self.lock:
-            if self.waiting >= self.queue:
-                raise APIError(503, "server busy: too many requests waiting", "server_busy")
-            self.waiting += 1
-        self.run.acquire()
-        with self.lock:
+    @property
+    def threads(self) -> anyio.CapacityLimiter:
+        """Worker threads that wait for the batcher: one per holder, so holders never wait for
+        one another's threads."""
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(self.concurrency)
+        return self._threads
+
+    async def acquire(self) -> None:
+        if self._run is None:  # made on the event loop, at first use
+            self._run = anyio.Semaphore(self.concurrency)
+        try:
+            self._run.acquire_nowait()
+            return
+        except anyio.WouldBlock:
+            pass
+        if self.waiting >= self.queue:
+            raise APIError(503, "server busy: too many requests waiting", "server_busy")
+        self.waiting += 1
+        try:
+            await self._run.acquire()
+        finally:
             self.waiting -= 1
 
     def release(self) -> None:
-        self.run.release()
+        assert self._run is not None
+        self._run.release()
 
 
 class Held:
-    """One acquired slot, released once: by the stream's end, or when a stream the client never
-    read is garbage-collected (its generator's `finally` would never run)."""
+    """One acquired slot, released once: by the response's end, or when a stream the client
+    never read is garbage-collected (its generator's `finally` would never run)."""
 
     def __init__(self, slots: Slots) -> None:
-        self.slots: Slots | None = None
-        slots.acquire()  # may refuse (503): then there is nothing to release
-        self.slots = slots
+        self.slots: Slots | None = slots
+
+    @classmethod
+    async def take(cls, slots: Slots) -> Held:
+        await slots.acquire()  # may refuse (503): then there is nothing to release
+        return cls(slots)
 
     def release(self) -> None:
         if self.slots is not None:
@@ -186,29 +213,29 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
-    def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, http: Request) -> Any:
         _check_model(req.model, assistant)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "one prompt per request", "invalid_request_error", "prompt")
-        prompt = assistant.text_prompt(prompts[0])
-        return _respond(req, prompt, "text_completion", assistant, batcher, cfg, slots)
+        prompt = await anyio.to_thread.run_sync(assistant.text_prompt, prompts[0])
+        return await _respond(req, prompt, "text_completion", assistant, batcher, cfg, slots, http)
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat(req: ChatRequest) -> Any:
+    async def chat(req: ChatRequest, http: Request) -> Any:
         _check_model(req.model, assistant)
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         messages = [Message(m.role, m.content) for m in req.messages]
         if any(m.role == "system" for m in messages[1:]):
             raise APIError(400, "a system message may only come first", "invalid_request_error")
-        prompt = assistant.chat_prompt(messages)
-        return _respond(req, prompt, "chat.completion", assistant, batcher, cfg, slots)
+        prompt = await anyio.to_thread.run_sync(assistant.chat_prompt, messages)
+        return await _respond(req, prompt, "chat.completion", assistant, batcher, cfg, slots, http)
 
     return app
 
 
-def _respond(
+async def _respond(
     req: _Sampling,
     prompt: list[int],
     kind: str,
@@ -216,6 +243,7 @@ def _respond(
     batcher: ContinuousBatcher,
     cfg: ServeConfig,
     slots: Slots,
+    http: Request,
 ) -> Any:
     max_tokens = req.max_tokens or cfg.max_tokens
     if max_tokens > cfg.max_tokens:
@@ -246,13 +274,13 @@ def _respond(
         temperature=req.temperature,
         top_k=None,
         top_p=req.top_p,
-        seed=req.seed if req.seed is not None else 0,
+        seed=req.seed if req.seed is not None else secrets.randbits(63),
         compile=cfg.compile,
     )
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     reply = Reply(prompt_tokens=len(prompt))
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    held = Held(slots)
+    held = await Held.take(slots)
     try:
         request = batcher.submit(prompt, gen, req.n, assistant.stop_ids, assistant.stop_check(stop))
     except BaseException:
@@ -260,10 +288,17 @@ def _respond(
         raise
     if not req.stream:
         try:
-            choices = assistant.replies(request.samples(), len(prompt), stop)
+            choices = await _unless_client_leaves(
+                http, slots.threads, lambda: assistant.replies(request.samples(), len(prompt), stop)
+            )
+        except Exception as e:  # generation failed: the log gets the traceback, the client
+            log.exception("request %s failed", rid)  # OpenAI's error shape
+            return _error(500, _failure(e), "server_error")
         finally:
             request.cancel()
             held.release()
+        if choices is None:  # nobody to answer; 499 is what proxies log for it
+            return Response(status_code=499)
         return _body(kind, rid, req.model, choices, final=True)
 
     async def events() -> AsyncIterator[str]:
@@ -271,7 +306,7 @@ def _respond(
         try:
             if kind == "chat.completion":  # the first chunk names the role
                 yield _sse(_chunk(rid, req.model, {"role": "assistant", "content": ""}, None))
-            while (piece := await _next_in_thread(pieces)) is not None:
+            while (piece := await _next_in_thread(pieces, slots.threads)) is not None:
                 if kind == "chat.completion":
                     yield _sse(_chunk(rid, req.model, {"content": piece}, None))
                 else:
@@ -287,6 +322,9 @@ def _respond(
                 head = {"id": rid, "object": chunk_kind, "created": created, "model": req.model}
                 yield _sse({**head, **usage})
             yield "data: [DONE]\n\n"
+        except Exception as e:  # generation failed mid-stream: an error event, as OpenAI sends
+            log.exception("request %s failed", rid)
+            yield _sse({"error": _error_body(_failure(e), "server_error")})
         finally:
             request.cancel()
             held.release()
@@ -294,11 +332,42 @@ def _respond(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _next_in_thread(items: Iterator[str]) -> str | None:
+async def _next_in_thread(items: Iterator[str], threads: anyio.CapacityLimiter) -> str | None:
     """next(items) on a worker thread (it waits for the batcher), None at the end. When the
     client goes away the server cancels this await; the thread is left to finish on its own
     and the stream's `finally` takes the request out of the batch at once."""
-    return await anyio.to_thread.run_sync(next, items, None, abandon_on_cancel=True)
+    return await anyio.to_thread.run_sync(
+        next, items, None, abandon_on_cancel=True, limiter=threads
+    )
+
+
+async def _unless_client_leaves(
+    http: Request, threads: anyio.CapacityLimiter, work: Callable[[], Any]
+) -> Any:
+    """work() on a worker thread; None as soon as the client hangs up, leaving the thread to
+    finish on its own once the caller cancels the request. The hang-up is awaited, not polled:
+    behind a BaseHTTPMiddleware `Request.is_disconnected` never sees it."""
+    outcome: list[Any] = []
+
+    async def run() -> None:
+        try:
+            waited = anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=threads)
+            outcome.append(await waited)
+        except Exception as e:
+            outcome.append(e)
+        done.cancel()
+
+    async with anyio.create_task_group() as done_group:
+        done = done_group.cancel_scope
+        done_group.start_soon(run)
+        while (await http.receive())["type"] != "http.disconnect":  # the body is read already
+            pass
+        done.cancel()
+    if not outcome:
+        return None
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _body(
@@ -358,8 +427,17 @@ def _check_model(name: str, assistant: Assistant) -> None:
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": kind}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse({"error": _error_body(message, kind, param)}, status_code=status)
+
+
+def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": kind, "param": param, "code": kind}
+
+
+def _failure(e: BaseException) -> str:
+    """What a client is told when generation failed: the first cause, not a traceback."""
+    cause = e.__cause__ or e
+    return f"generation failed: {type(cause).__name__}: {cause}"
 
 
 def serve(assistant: Assistant, host: str, port: int, cfg: ServeConfig | None = None) -> None:
