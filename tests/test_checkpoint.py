@@ -105,6 +105,26 @@ def test_truncated_checkpoint_is_detected_by_name(tiny_cfg: ModelConfig, tmp_pat
         load_checkpoint(path, Llama(tiny_cfg))
 
 
+def test_an_edited_manifest_is_a_checkpoint_error(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
+    """Not a KeyError or TypeError: the loader falls back past a CheckpointError only."""
+    import json
+
+    model, opt = _trained(tiny_cfg)
+    path = _save(tmp_path, model, opt, 1)
+    manifest = path / "MANIFEST.json"
+    good = json.loads(manifest.read_text())
+    without_rng = {**good, "files": {k: v for k, v in good["files"].items() if k != "rng.pt"}}
+    for edited, message in [
+        ({"format": good["format"]}, "no files table"),
+        ([good], "no files table"),
+        ({**good, "files": {"trainer.json": "x"}}, "no files table"),
+        (without_rng, "does not list rng.pt"),
+    ]:
+        manifest.write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=f"MANIFEST.json: .*{message}"):
+            load_checkpoint(path, Llama(tiny_cfg))
+
+
 def test_kill_mid_save_leaves_the_previous_checkpoint_latest(
     tiny_cfg: ModelConfig, tmp_path: Path
 ) -> None:

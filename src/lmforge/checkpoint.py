@@ -41,6 +41,8 @@ MANIFEST = "MANIFEST.json"
 FORMAT = "lmforge-checkpoint-v2"
 """v2: model and optimizer state in a DCP folder keyed by parameter name (v1: optimizer.pt)."""
 STATE = "state"
+REQUIRED_FILES = ("trainer.json", "rng.pt", f"{STATE}/.metadata")
+"""In every checkpoint, whatever else it holds (model.safetensors is optional)."""
 
 
 class CheckpointError(RuntimeError):
@@ -89,6 +91,11 @@ class PendingCheckpoint:
     keep_last: int
     keep_best: bool
     writing: Future[Any] | None = None
+
+    @property
+    def written(self) -> bool:
+        """This rank's files are all written (an asynchronous write has ended)."""
+        return self.writing is None or self.writing.done()
 
     def finish(self) -> Path:
         if self.writing is not None:
@@ -326,7 +333,15 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
-    for name, meta in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(m, dict) and {"bytes", "sha256"} <= m.keys() for m in files.values()
+    ):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no files table)")
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {name}; it was edited")
+    for name, meta in files.items():
         file = path / name
         if not file.exists():
             raise CheckpointError(f"{file}: missing from the checkpoint")

@@ -210,3 +210,22 @@ def test_a_lasting_shift_is_accepted_after_patience(
         (POISONED_STEP + 2, "level_shift", "accept"),
     ]
     assert [r["step"] for r in metrics] == list(range(1, 17))
+
+
+def test_rewinding_still_counts_spikes_in_a_row_toward_a_level_shift(
+    prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rewind reloads the guard's state of the checkpoint; the streak of spikes since
+    then must survive it, or a lasting shift is rewound until max_events stops the run."""
+    run_dir = tmp_path / "shift-rewind"
+    shutil.copytree(prepared_run, run_dir)
+    Tap(monkeypatch, None, "shift")
+    args = ["guard.patience=2", "guard.action=rewind", "train.save_every_steps=4"]
+    metrics = run(run_dir, *args, "guard.max_events=6")
+    got = [(e["step"], e["kind"], e["action"], e.get("rewound_to_step")) for e in events(run_dir)]
+    assert got == [
+        (POISONED_STEP, "loss_spike", "rewind", 4),
+        (5, "loss_spike", "rewind", 4),
+        (5, "level_shift", "accept", None),
+    ]
+    assert [r["step"] for r in metrics] == list(range(1, 17))

@@ -169,3 +169,76 @@ def test_async_save_writes_the_same_checkpoints(tiny_run: Path, tmp_path: Path) 
             for k, v in opt_a[i].items():
                 assert torch.equal(v, opt_b[i][k]), (name, i, k)
     assert not list((other / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_crash_after_a_save_keeps_that_checkpoint(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    """The step-4 checkpoint is in place before step 6 fails, not only once the next save
+    starts: --resume continues from it."""
+    from lmforge.model.llama import Llama
+
+    run_dir = _sibling_run(tiny_run, tmp_path / "crash")
+    original, calls = Llama.forward, [0]
+
+    def failing(model: Llama, *args: object, **kwargs: object) -> object:
+        if model.training:
+            calls[0] += 1
+            if calls[0] > 2 * 5:  # two micro-batches a step: step 6
+                raise RuntimeError("out of memory")
+        return original(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Llama, "forward", failing)
+    args = ("train.save_every_steps=4", f"train.async_save={async_save}", "train.precision=fp32")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _pretrain_in_process(run_dir, *args)
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"  # type: ignore[union-attr]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(Llama, "forward", original)
+    recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={run_dir}", *args])
+    records = pipeline.pretrain_stage(recipe, resume=True)
+    assert records[0]["step"] == 5
+
+
+def test_resume_mends_the_logs_and_the_rng_of_a_killed_run(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill mid-append leaves a last metrics line cut short: resume drops it (a bad line
+    elsewhere is an error naming it). Guard events past the checkpoint go with the steps they
+    belong to, and the torch RNG continues as in a run never stopped."""
+    from lmforge.model.llama import Llama
+    from lmforge.train.loop import _truncate_jsonl
+
+    original, rng = Llama.forward, []
+
+    def tapped(model: Llama, *args: object, **kwargs: object) -> object:
+        if model.training:
+            rng.append(torch.get_rng_state())
+        return original(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Llama, "forward", tapped)
+    args = ("train.save_every_steps=4", "train.precision=fp32")
+    straight = _sibling_run(tiny_run, tmp_path / "straight")
+    _pretrain_in_process(straight, *args, "train.stop_at_step=8")
+    straight_rng, rng[:] = list(rng), []
+
+    run_dir = _sibling_run(tiny_run, tmp_path / "killed")
+    _pretrain_in_process(run_dir, *args, "train.stop_at_step=6")
+    metrics, events = run_dir / "metrics.jsonl", run_dir / "events.jsonl"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"step": 7, "loss": 3.')  # the kill, mid-line
+    events.write_text('{"step": 3, "kind": "loss_spike"}\n{"step": 7, "kind": "loss_spike"}\n')
+    lines = good.splitlines()
+    (run_dir / "bad.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]))
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a JSON record"):
+        _truncate_jsonl(run_dir / "bad.jsonl", 4)
+    rng[:] = []
+    overrides = [*TINY_OVERRIDES, f"run_dir={run_dir}", *args, "train.stop_at_step=8"]
+    records = pipeline.pretrain_stage(load_recipe(None, overrides), resume=True)
+    assert [r["step"] for r in records] == [7, 8]
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, 9))
+    assert [json.loads(line)["step"] for line in events.read_text().splitlines()] == [3]
+    assert len(rng) == 4 and all(
+        torch.equal(a, b) for a, b in zip(rng, straight_rng[-4:], strict=True)
+    )

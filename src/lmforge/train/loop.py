@@ -32,10 +32,10 @@ from lmforge.checkpoint import (
 )
 from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
-from lmforge.logs import MetricsWriter, progress, read_metrics
+from lmforge.logs import MetricsWriter, progress
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
-from lmforge.train.guard import GuardConfig, SpikeGuard
+from lmforge.train.guard import GuardConfig, GuardError, SpikeGuard
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.parallelize import (
     ParallelConfig,
@@ -162,10 +162,12 @@ def train(
         loss_chunk = auto_loss_chunk(model.cfg.vocab_size)
     last_step = total_steps(stages)
     ckpt_dir = checkpoint_dir(run_dir)
-    step, tokens = _restore(ckpt_dir, resume, model, optimizer, loader, guard)
-    if rank() == 0:
-        _truncate_metrics(run_dir / "metrics.jsonl", step)  # records past it are redone
+    # the peak's test matrices draw random numbers: before the RNG is set to the checkpoint's
     peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
+    step, tokens = _restore(ckpt_dir, resume, model, optimizer, loader, guard)
+    if rank() == 0:  # records past the checkpoint are redone
+        _truncate_jsonl(run_dir / "metrics.jsonl", step)
+        _truncate_jsonl(run_dir / "events.jsonl", step)
     metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank() == 0 else None
     records: list[dict[str, Any]] = []
     end_step = min(last_step, cfg.stop_at_step or last_step)
@@ -175,119 +177,141 @@ def train(
     saved_step = step
     pending: PendingCheckpoint | None = None
 
-    def save(val_loss: float | None = None) -> PendingCheckpoint:
+    def save(val_loss: float | None = None) -> PendingCheckpoint | None:
+        """Start a checkpoint. A synchronous one is in place when this returns; an asynchronous
+        one is returned, and put in place once every rank has written its files."""
         if pending is not None:  # one save in flight at a time
             pending.finish()
         state = TrainerState(
             step, tokens, loader.state_dict(), recipe, val_loss, guard.state_dict()
         )
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
-        return start_checkpoint(*args, consolidate=cfg.save_consolidated)
+        started = start_checkpoint(*args, consolidate=cfg.save_consolidated)
+        if not cfg.async_save:
+            started.finish()
+            return None
+        return started
 
-    while step < end_step:
-        stage = stage_at(stages, tokens)
-        if stage != active:
-            if active is not None:
-                log.info("stage %r begins at step %d (%d tokens)", stage.name, step, tokens)
-            enter_stage(model, loader, stage)
-            batches = iter(loader)
-            accum = grad_accum_steps(stage, world)
-            active = stage
-        t0 = time.perf_counter()
-        lr = stage.lr_at(tokens) * guard.lr_scale
-        rows_before = loader.rows
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = list(itertools.islice(batches, accum))
-        if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
-            log.warning("data exhausted after step %d (%d tokens): stopping early", step, tokens)
-            if step > saved_step:
-                pending = save()
-            break
-        loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
-        clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(model, clip)
-        event = guard.check(loss_sum, grad_norm)
-        taken = event is None or event["kind"] == "level_shift"
-        if taken:
-            optimizer.step()
-            guard.accept(loss_sum, grad_norm, level_shift=event is not None)
-        optimizer.zero_grad(set_to_none=True)
-        if event is not None:
-            event = {
-                "step": step + 1,
+    try:
+        while step < end_step:
+            stage = stage_at(stages, tokens)
+            if stage != active:
+                if active is not None:
+                    log.info("stage %r begins at step %d (%d tokens)", stage.name, step, tokens)
+                enter_stage(model, loader, stage)
+                batches = iter(loader)
+                accum = grad_accum_steps(stage, world)
+                active = stage
+            if pending is not None and not all_reduce_sum(float(not pending.written), device):
+                pending.finish()  # every rank's files are written: in place now, not at the
+                pending = None  # next save (a kill until then would lose it)
+            t0 = time.perf_counter()
+            lr = stage.lr_at(tokens) * guard.lr_scale
+            rows_before = loader.rows
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = list(itertools.islice(batches, accum))
+            if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
+                log.warning("data exhausted after step %d (%d tokens): stopping", step, tokens)
+                if step > saved_step:
+                    pending = save()
+                break
+            loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
+            clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+            grad_norm = clip_grad_norm(model, clip)
+            event = guard.check(loss_sum, grad_norm)
+            taken = event is None or event["kind"] == "level_shift"
+            if taken:
+                optimizer.step()
+                guard.accept(loss_sum, grad_norm, level_shift=event is not None)
+            optimizer.zero_grad(set_to_none=True)
+            if event is not None:
+                event = {
+                    "step": step + 1,
+                    "tokens": tokens,
+                    "stage": stage.name,
+                    **event,
+                    "loss": loss_sum,
+                    "grad_norm": grad_norm,
+                    "action": "accept" if taken else guard.cfg.action,
+                    "rows": [rows_before, loader.rows],
+                }
+                if not taken:
+                    guard.record_event()
+                if event["action"] == "skip_batches":
+                    for _ in range(guard.cfg.skip_next * accum):
+                        next(batches, None)
+                    event["rows"][1] = loader.rows
+                elif event["action"] == "rewind":
+                    if pending is not None:
+                        pending.finish()
+                        pending = None
+                    rewound = rewind(ckpt_dir, model, optimizer, loader, guard)
+                    if rewound is not None:
+                        step, tokens = rewound
+                        event["rewound_to_step"] = step
+                log.warning("loss-spike guard: %s", json.dumps(event))
+                if rank() == 0:
+                    with (run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(event) + "\n")
+                if "rewound_to_step" in event:
+                    if metrics is not None:  # the steps after the checkpoint are redone
+                        metrics.close()
+                        _truncate_jsonl(run_dir / "metrics.jsonl", step)
+                        metrics = MetricsWriter(run_dir / "metrics.jsonl")
+                    records = [r for r in records if r["step"] <= step]
+                    saved_step = step
+                    bar.n = step
+                    bar.refresh()
+                    active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
+                    continue
+            step += 1
+            step_tokens = stage.batch_tokens
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            record: dict[str, Any] = {
+                "step": step,
                 "tokens": tokens,
-                "stage": stage.name,
-                **event,
                 "loss": loss_sum,
+                "lr": lr,
                 "grad_norm": grad_norm,
-                "action": "accept" if taken else guard.cfg.action,
-                "rows": [rows_before, loader.rows],
+                "tok_per_s": step_tokens / dt,
+                "mfu": model.cfg.flops_per_token(stage.seq_len) * step_tokens / dt / peak,
+                "seq_len": stage.seq_len,
+                "stage": stage.name,
+                **({"guard": event["kind"]} if event is not None else {}),
+                "rope_theta": stage.rope_theta,
             }
-            if not taken:
-                guard.record_event()
-            if event["action"] == "skip_batches":
-                for _ in range(guard.cfg.skip_next * accum):
-                    next(batches, None)
-                event["rows"][1] = loader.rows
-            elif event["action"] == "rewind":
-                if pending is not None:
-                    pending.finish()
-                    pending = None
-                rewound = rewind(ckpt_dir, model, optimizer, loader, guard)
-                if rewound is not None:
-                    step, tokens = rewound
-                    event["rewound_to_step"] = step
-            log.warning("loss-spike guard: %s", json.dumps(event))
-            if rank() == 0:
-                with (run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(event) + "\n")
-            if "rewound_to_step" in event:
-                if metrics is not None:  # the steps after the checkpoint are redone
-                    metrics.close()
-                    _truncate_metrics(run_dir / "metrics.jsonl", step)
-                    metrics = MetricsWriter(run_dir / "metrics.jsonl")
-                records = [r for r in records if r["step"] <= step]
+            if evaluate is not None and (
+                step == last_step or (eval_every_steps and step % eval_every_steps == 0)
+            ):
+                record.update(evaluate(model, stage.seq_len))
+            if step % cfg.log_every_steps == 0 or step == last_step:
+                record["tokens_by_source"] = {
+                    name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
+                }
+            if metrics is not None:
+                metrics.write(record)
+            records.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+            if step % cfg.log_every_steps == 0 or step == last_step or "val_loss" in record:
+                log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+            if step % cfg.save_every_steps == 0 or step == end_step:
+                pending = save(record.get("val_loss"))
                 saved_step = step
-                bar.n = step
-                bar.refresh()
-                active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
-                continue
-        step += 1
-        step_tokens = stage.batch_tokens
-        tokens += step_tokens
-        dt = time.perf_counter() - t0
-        record: dict[str, Any] = {
-            "step": step,
-            "tokens": tokens,
-            "loss": loss_sum,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tok_per_s": step_tokens / dt,
-            "mfu": model.cfg.flops_per_token(stage.seq_len) * step_tokens / dt / peak,
-            "seq_len": stage.seq_len,
-            "stage": stage.name,
-            **({"guard": event["kind"]} if event is not None else {}),
-            "rope_theta": stage.rope_theta,
-        }
-        if evaluate is not None and (
-            step == last_step or (eval_every_steps and step % eval_every_steps == 0)
-        ):
-            record.update(evaluate(model, stage.seq_len))
-        if step % cfg.log_every_steps == 0 or step == last_step:
-            record["tokens_by_source"] = {
-                name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
-            }
+    except BaseException as e:
+        # A checkpoint already written is put in place where every rank stops alike (one
+        # process, or the guard's verdict, computed from reduced values): finishing is safe.
+        if pending is not None and (world == 1 or isinstance(e, GuardError)):
+            try:
+                pending.finish()
+            except Exception:
+                log.exception("the checkpoint in flight could not be finished")
+        bar.close()
         if metrics is not None:
-            metrics.write(record)
-        records.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
-        if step % cfg.log_every_steps == 0 or step == last_step or "val_loss" in record:
-            log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-        if step % cfg.save_every_steps == 0 or step == end_step:
-            pending = save(record.get("val_loss"))
-            saved_step = step
+            metrics.close()
+        raise
     if pending is not None:
         pending.finish()
     bar.close()
@@ -372,7 +396,8 @@ def rewind(
     path, state = load_newest_good(ckpt_dir, model, optimizer)
     loader.load_state_dict(position)
     guard.load_state_dict(state.guard)
-    guard.events = kept["events"]
+    guard.events = kept["events"]  # what happened since the checkpoint still counts: the
+    guard.in_a_row = kept["in_a_row"]  # streak too, or `patience` would never see a level shift
     guard.lr_scale = kept["lr_scale"] * guard.cfg.rewind_lr_factor
     log.warning("loss-spike guard: rewound to %s", path)
     return state.step, state.tokens
@@ -389,12 +414,25 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the records up to `step` (0 for a fresh run)."""
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the records up to `step` (0 for a fresh run). A last line cut short (a kill or
+    a full disk mid-write) is dropped with a warning; a bad line elsewhere is an error."""
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
+            log.warning("%s:%d: dropping a record cut short (%s)", path, number, e)
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(record)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # left by a kill mid-truncation; the writer appends
     writer = MetricsWriter(tmp)
     for r in kept:
         writer.write(r)
