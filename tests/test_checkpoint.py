@@ -174,9 +174,16 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(
     assert "step_00000002/rng.pt: truncated" in caplog.text and "falling back" in caplog.text
     for p in fresh.state_dict():
         torch.testing.assert_close(fresh.state_dict()[p], model.state_dict()[p])
-    (tmp_path / "step_00000001" / "trainer.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="no checkpoint can be resumed: .*step_00000002"):
+    # set aside: the run's next checkpoints are newer than the one it resumed, and kept
+    assert (tmp_path / "corrupt-step_00000002" / "rng.pt").exists()
+    assert latest_checkpoint(tmp_path) == path
+    _save(tmp_path, model, opt, 2)
+    assert [p.name for p in sorted(tmp_path.glob("step_*"))] == ["step_00000001", "step_00000002"]
+    for step in (1, 2):
+        (tmp_path / f"step_0000000{step}" / "trainer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no checkpoint can be resumed: .*step_00000001"):
         load_newest_good(tmp_path, fresh, build_optimizer(fresh, OptimConfig()))
+    assert (tmp_path / "step_00000001").exists()  # nothing moved when nothing can be resumed
 
 
 def test_checkpoint_of_another_shape_is_refused(tiny_cfg: ModelConfig, tmp_path: Path) -> None:

@@ -217,14 +217,26 @@ def load_newest_good(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[Path, TrainerState]:
     """Resume from the newest checkpoint that verifies; a corrupted one is reported and the
-    previous one is tried, so one bad save never ends a run."""
-    errors = []
+    previous one is tried, so one bad save never ends a run. The corrupted ones passed over are
+    renamed `corrupt-step_*`: kept for a look, but no longer the newest, which pruning would
+    keep in place of the run's new checkpoints and eval would read."""
+    errors, bad = [], []
     for path in reversed(completed_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path, model, optimizer)
+            state = load_checkpoint(path, model, optimizer)
         except CheckpointError as e:
             log.error("%s; falling back to the previous checkpoint", e)
             errors.append(str(e))
+            bad.append(path)
+            continue
+        _barrier()  # every rank has verified them before they move
+        if _rank() == 0:
+            for corrupt in bad:
+                aside = corrupt.with_name(f"corrupt-{corrupt.name}")
+                corrupt.rename(aside)
+                log.warning("moved the corrupted %s aside to %s", corrupt.name, aside)
+        _barrier()
+        return path, state
     raise CheckpointError(f"{directory}: no checkpoint can be resumed: {'; '.join(errors)}")
 
 
