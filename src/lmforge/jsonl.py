@@ -13,6 +13,11 @@ def json_lines(
     """(line number, record) for each non-blank line. A line that is not JSON, or not UTF-8,
     raises `error` naming `where:line`, so a bad file is reported, never half-read silently."""
     for line_no, line in enumerate(lines, 1):
+        if line_no == 1:  # a UTF-8 byte-order mark, as some Windows editors write
+            if isinstance(line, bytes):
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            else:
+                line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         try:
@@ -20,4 +25,6 @@ def json_lines(
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             raise error(f"{where}:{line_no}: not valid JSON ({reason})") from None
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, deep nesting
+            raise error(f"{where}:{line_no}: unreadable JSON ({type(e).__name__}: {e})") from None
         yield line_no, record

@@ -200,3 +200,56 @@ def test_a_100_mb_document_is_refused_by_default(tmp_path: Path) -> None:
         f.write('{"text": "' + "x" * 100_000_000 + '"}\n')
     with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,013 bytes")):
         list(read_documents(SourceConfig(name="t", path=str(path))))
+
+
+def test_json_that_is_valid_but_not_text_is_a_named_error(tmp_path: Path) -> None:
+    """A BOM before the first line is no error; a lone-surrogate escape, a 5000-digit integer
+    and 100,000-deep nesting are errors naming file:line, handed over in skip mode."""
+    (tmp_path / "a.jsonl").write_bytes(
+        b'\xef\xbb\xbf{"text": "after a BOM"}\n'
+        b'{"text": "bad \\ud800 escape"}\n'
+        b'{"text": "x", "n": ' + b"9" * 5000 + b"}\n"
+        b'{"text": "y", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+        b'{"text": "last"}\n'
+    )
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=str(tmp_path / "a.jsonl"))
+    assert list(read_documents(source, on_error=errors.append)) == ["after a BOM", "last"]
+    assert [str(e).split(": ")[0].rsplit("/", 1)[1] for e in errors] == [
+        "a.jsonl:2",
+        "a.jsonl:3",
+        "a.jsonl:4",
+    ]
+    assert "lone surrogate" in str(errors[0]) and "unreadable JSON" in str(errors[1])
+    with pytest.raises(DataError, match=r"a.jsonl:2: text holds a lone surrogate"):
+        _read(tmp_path / "a.jsonl")
+
+
+def test_directories_skip_hidden_folders_match_suffixes_in_any_case_and_weights_are_finite(
+    tmp_path: Path,
+) -> None:
+    _write_jsonl(tmp_path / "part1.jsonl", ["a"])
+    _write_jsonl(tmp_path / "part2.JSONL", ["b"])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    _write_jsonl(tmp_path / ".ipynb_checkpoints" / "part1-checkpoint.jsonl", ["copy"])
+    assert _read(tmp_path) == ["a", "b"]
+    with pytest.raises(DataError, match="weight must be >= 0, got nan"):
+        SourceConfig(name="t", path=str(tmp_path), weight=float("nan"))
+
+
+def test_a_damaged_parquet_page_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    path = tmp_path / "bad.parquet"
+    texts = [f"parquet doc {i} " * 30 for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), path, compression="snappy", row_group_size=500)
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = b"\xff" * 64  # inside a compressed data page
+    path.write_bytes(bytes(raw))
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=str(path))
+    docs = list(read_documents(source, on_error=errors.append))
+    assert len(docs) < len(texts) and docs == texts[: len(docs)]
+    assert len(errors) == 1 and str(errors[0]).startswith(f"{path}: corrupt parquet data")

@@ -189,7 +189,7 @@ def read_chat_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}[{i}]", record
     elif path.suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no error
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ChatFormatError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(records, list):

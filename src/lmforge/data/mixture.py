@@ -39,7 +39,7 @@ class MixtureStage:
     """Weight per source name; sources not listed keep their own `weight`."""
 
     def __post_init__(self) -> None:
-        if self.from_tokens < 0 or any(w < 0 for w in self.weights.values()):
+        if self.from_tokens < 0 or not all(w >= 0 for w in self.weights.values()):  # NaN too
             raise ValueError(
                 f"mixture stage at {self.from_tokens}: tokens and weights must be >= 0"
             )

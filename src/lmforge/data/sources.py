@@ -12,6 +12,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class SourceConfig:
     """A larger document is bad input (an unsplit dump, a binary file): an error, or a reject."""
 
     def __post_init__(self) -> None:
-        if self.weight is not None and self.weight < 0:
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
             raise DataError(f"source {self.name!r}: weight must be >= 0, got {self.weight}")
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise DataError(f"source {self.name!r}: max_epochs must be > 0, got {self.max_epochs}")
@@ -109,7 +110,13 @@ def resolve_files(path: str) -> list[Path]:
         return files
     root = Path(path)
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _suffix(p) is not None)
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and _suffix(p) is not None
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )  # hidden files and folders (.ipynb_checkpoints, .git) are not data
         if not files:
             raise DataError(f"{path}: no documents (no {', '.join(SUFFIXES)} files in directory)")
         return files
@@ -119,7 +126,7 @@ def resolve_files(path: str) -> list[Path]:
 
 
 def _suffix(path: Path) -> str | None:
-    return next((s for s in SUFFIXES if path.name.endswith(s)), None)
+    return next((s for s in SUFFIXES if path.name.lower().endswith(s)), None)
 
 
 def _read_files(files: Iterable[Path], source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
@@ -137,7 +144,7 @@ def _read_files(files: Iterable[Path], source: SourceConfig, bad: ErrorHandler) 
                     num_docs += 1
                     yield text
             if num_docs == 0 and num_bad == 0:
-                raise DataError(f"{path}: no documents (empty file)")
+                raise DataError(f"{path}: no documents (empty file, or every text is empty)")
         except DataError as e:  # the file as a whole is bad: skip the rest of it
             bad(e)
 
@@ -192,6 +199,9 @@ def _read_jsonl(f: IO[bytes], path: Path, source: SourceConfig, bad: ErrorHandle
     """One JSON object per line; blank lines are skipped; a bad line goes to `bad`."""
     offset = 0
     for lineno, raw in enumerate(f, start=1):
+        if lineno == 1 and raw.startswith(UTF8_BOM):  # written by some Windows editors
+            raw = raw[len(UTF8_BOM) :]
+            offset = len(UTF8_BOM)
         try:
             _check_size(len(raw), source, f"{path}:{lineno}")
             line = _decode(raw, path, lineno, offset)
@@ -216,7 +226,14 @@ def _read_parquet(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterat
             "; set text_field in the source config"
         )
     row = 0
-    for batch in table.iter_batches(batch_size=1024, columns=[source.text_field]):
+    batches = table.iter_batches(batch_size=1024, columns=[source.text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # pyarrow's OSError / ArrowException for a damaged page
+            raise DataError(f"{path}: corrupt parquet data after row {row} ({e})") from None
+        if batch is None:
+            break
         for text in batch.column(0).to_pylist():
             row += 1
             try:
@@ -228,6 +245,9 @@ def _read_parquet(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterat
                 yield _text_of({source.text_field: text}, path, row, source.text_field)
             except DataError as e:
                 bad(e)
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def _decode(raw: bytes, path: Path, line: int, line_offset: int) -> str:
@@ -251,6 +271,8 @@ def json_loads(line: str, path: Path | str, lineno: int) -> Any:
             f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
             "; each line must hold exactly one JSON object"
         ) from None
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits, deep nesting
+        raise DataError(f"{path}:{lineno}: unreadable JSON ({type(e).__name__}: {e})") from None
 
 
 def _text_of(obj: Any, path: Path | str, lineno: int, text_field: str) -> str:
@@ -268,6 +290,13 @@ def _text_of(obj: Any, path: Path | str, lineno: int, text_field: str) -> str:
             f"{path}:{lineno}: text field {text_field!r} must be a string,"
             f" got {type(text).__name__}"
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escape: valid JSON, not valid text
+        raise DataError(
+            f"{path}:{lineno}: text holds a lone surrogate {text[e.start]!r} (a broken"
+            " \\uXXXX escape), not text"
+        ) from None
     return text
 
 
