@@ -228,7 +228,9 @@ def test_loader_resumes_and_resplits_over_ranks(tokenizer: TextTokenizer, tmp_pa
         )
 
     whole = torch.cat([b.input_ids for b in loader()])
-    assert len(whole) == loader().total_rows == int(np.ceil(2.5 * loader().rows_per_epoch))
+    lengths = loader().epoch_lengths()
+    assert len(lengths) == 3
+    assert len(whole) == loader().total_rows == sum(lengths[:2]) + int(np.ceil(0.5 * lengths[2]))
     first, rest = loader(), loader()
     it = iter(first)
     head = [next(it).input_ids for _ in range(3)]
@@ -238,5 +240,33 @@ def test_loader_resumes_and_resplits_over_ranks(tokenizer: TextTokenizer, tmp_pa
     two = [torch.cat([b.input_ids for b in loader(r, 2)]) for r in (0, 1)]
     assert torch.equal(two[0], whole[0::2]) and torch.equal(two[1], whole[1::2])
     assert (whole[:, 0] == tokenizer.bos_id).all()
-    assert not torch.equal(whole[: loader().rows_per_epoch][0], whole[loader().rows_per_epoch :][0])
+    assert not torch.equal(whole[: lengths[0]][0], whole[lengths[0] :][0])
     assert IGNORE_INDEX == -100
+
+
+def test_every_conversation_is_trained_on_once_per_epoch(
+    tokenizer: TextTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each epoch packs its own order into its own number of rows; rows must be placed by
+    each epoch's count, not the first one's, or conversations are skipped or repeated."""
+    from lmforge.data import sft
+
+    data = load_sft_data(
+        SFTConfig(paths=(str(sft_file(tmp_path)),), heldout_fraction=0), tokenizer, 128
+    )
+    trained: list[int] = []
+    build = sft.build_row
+    monkeypatch.setattr(
+        sft,
+        "build_row",
+        lambda convs, members, *a: trained.extend(members) or build(convs, members, *a),
+    )
+    counts = set()
+    for seed in range(6):
+        trained.clear()
+        loader = SFTLoader(data.train, 128, 2, tokenizer.pad_id, epochs=3, seed=seed)
+        rows = sum(len(b.input_ids) for b in loader)
+        assert rows == loader.total_rows == sum(loader.epoch_lengths())
+        assert sorted(trained) == sorted(list(range(len(data.train))) * 3)
+        counts.add(tuple(loader.epoch_lengths()))
+    assert any(len(set(c)) > 1 for c in counts)  # some seed packs epochs into different counts

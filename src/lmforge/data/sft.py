@@ -175,6 +175,8 @@ class SFTLoader:
         self.rank, self.world_size = rank, world_size
         self._rows = 0
         self._plans: dict[tuple[int, int], list[list[int]]] = {}
+        self._lengths: dict[int, list[int]] = {}
+        """Per row length: the rows of each epoch read (whole or in part)."""
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         key = (epoch, self.seq_len)
@@ -186,13 +188,28 @@ class SFTLoader:
             self._plans = {key: rows}  # one epoch's plan at a time
         return self._plans[key]
 
-    @property
-    def rows_per_epoch(self) -> int:
-        return len(self.epoch_rows(0))
+    def epoch_lengths(self) -> list[int]:
+        """Rows of every epoch read, whole or in part. Each epoch packs its own shuffled
+        order, so their row counts differ: a row index is placed by these, not by epoch 0's."""
+        if self.seq_len not in self._lengths:
+            epochs = range(int(np.ceil(self.epochs)))
+            self._lengths[self.seq_len] = [len(self.epoch_rows(e)) for e in epochs]
+        return self._lengths[self.seq_len]
 
     @property
     def total_rows(self) -> int:
-        return int(np.ceil(self.epochs * self.rows_per_epoch))
+        """The whole epochs' rows, then the fraction of the last one's."""
+        lengths, whole = self.epoch_lengths(), int(self.epochs)
+        part = self.epochs - whole
+        return sum(lengths[:whole]) + (int(np.ceil(part * lengths[whole])) if part else 0)
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(epoch, row within it) of a global row index."""
+        for epoch, length in enumerate(self.epoch_lengths()):
+            if row < length:
+                return epoch, row
+            row -= length
+        raise IndexError(f"row {row} past the last epoch")
 
     @property
     def rows(self) -> int:
@@ -212,14 +229,14 @@ class SFTLoader:
         return {"sft": [self._rows * self.seq_len]}
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        per_epoch = self.rows_per_epoch
+        total = self.total_rows
         while True:
             rows = []
             for _ in range(self.batch_size * self.world_size):
-                if self._rows >= self.total_rows:
+                if self._rows >= total:
                     break
                 if self._rows % self.world_size == self.rank:
-                    epoch, index = divmod(self._rows, per_epoch)
+                    epoch, index = self._locate(self._rows)
                     members = self.epoch_rows(epoch)[index]
                     rows.append(build_row(self.conversations, members, self.seq_len, self.pad_id))
                 self._rows += 1
