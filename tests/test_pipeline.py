@@ -35,7 +35,7 @@ def test_mixture_weights_default_to_source_sizes(prepared_run: Path) -> None:
     recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}"])
     tok = TextTokenizer.load(prepared_run / "tokenizer.json")
     natural = mixture_sources(recipe, prepared_run / "shards", tok)
-    assert [s.weight for s in natural] == [s.docs.num_tokens for s in natural]
+    assert [s.weight for s in natural] == [s.docs.num_tokens + 2 * s.docs.num_docs for s in natural]
     sources = tuple(
         dataclasses.replace(s, weight=w, max_epochs=2.0)
         for s, w in zip(recipe.data.sources, (1.0, 2.0, 3.0), strict=True)
@@ -46,6 +46,18 @@ def test_mixture_weights_default_to_source_sizes(prepared_run: Path) -> None:
     fewer = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, sources=sources[:1]))
     with pytest.raises(RecipeError, match="re-run 'lmforge tokenize'"):
         mixture_sources(fewer, prepared_run / "shards", tok)
+    # a weighted source left without train documents is an error, not a smaller mixture
+    ghost = dataclasses.replace(sources[0], name="ghost", weight=1.0)
+    more = dataclasses.replace(recipe.data, sources=(*sources, ghost))
+    with pytest.raises(RecipeError, match=r"no train documents from sources \['ghost'\]"):
+        mixture_sources(dataclasses.replace(recipe, data=more), prepared_run / "shards", tok)
+    unused = dataclasses.replace(
+        recipe.data, sources=(*sources, dataclasses.replace(ghost, weight=0.0))
+    )
+    assert (
+        len(mixture_sources(dataclasses.replace(recipe, data=unused), prepared_run / "shards", tok))
+        == 3
+    )
 
 
 def test_held_out_packing_is_the_evaluators_choice(

@@ -273,8 +273,9 @@ def load_initial_weights(model: Llama, source: Path) -> None:
 
 
 def mixture_sources(recipe: Recipe, shards: Path, tokenizer: TextTokenizer) -> list[MixtureSource]:
-    """The train split of each recipe source, weighted as the recipe says (or by its size), and
-    the derived long-context sources a stage names (weight 0 until its stage)."""
+    """The train split of each recipe source, weighted as the recipe says (or by its size:
+    its tokens as the stream counts them), and the derived long-context sources a stage names
+    (weight 0 until its stage)."""
     found = split_sources(shards, "train", tokenizer.sha256)
     configs = {s.name: s for s in recipe.data.sources}
     if set(found) - set(configs):
@@ -282,14 +283,23 @@ def mixture_sources(recipe: Recipe, shards: Path, tokenizer: TextTokenizer) -> l
             f"{shards}: holds sources {sorted(found)}, the recipe names {sorted(configs)};"
             " re-run 'lmforge tokenize' after changing data.sources"
         )
+    wanted = {n for n, c in configs.items() if c.weight is None or c.weight > 0}
+    wanted |= {n for stage in recipe.mixture_stages() for n, w in stage.weights.items() if w > 0}
+    if empty := sorted(wanted & set(configs) - set(found)):
+        raise RecipeError(
+            f"{shards}: no train documents from sources {empty}, which the mixture draws from"
+            " (all held out, filtered out or deduplicated); give them more data, a weight of"
+            " 0, or drop them from data.sources"
+        )
     sources = []
     for name, docs in found.items():
         weight = configs[name].weight
+        natural = docs.num_tokens + 2 * docs.num_docs  # as streamed: with BOS and EOS
         sources.append(
             MixtureSource(
                 name,
                 docs,
-                weight=float(docs.num_tokens) if weight is None else weight,
+                weight=float(natural) if weight is None else weight,
                 max_epochs=configs[name].max_epochs,
             )
         )
