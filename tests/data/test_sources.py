@@ -198,8 +198,11 @@ def test_a_100_mb_document_is_refused_by_default(tmp_path: Path) -> None:
     with open(path, "w") as f:
         f.write(json.dumps({"text": "short"}) + "\n")
         f.write('{"text": "' + "x" * 100_000_000 + '"}\n')
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,013 bytes")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,000 bytes")):
         list(read_documents(SourceConfig(name="t", path=str(path))))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,013 bytes")):
+        small = SourceConfig(name="t", path=str(path), max_document_bytes=10_000_000)
+        list(read_documents(small))  # a line too big even escaped is refused before parsing
 
 
 def test_json_that_is_valid_but_not_text_is_a_named_error(tmp_path: Path) -> None:
@@ -253,3 +256,14 @@ def test_a_damaged_parquet_page_is_an_error_naming_the_file(tmp_path: Path) -> N
     docs = list(read_documents(source, on_error=errors.append))
     assert len(docs) < len(texts) and docs == texts[: len(docs)]
     assert len(errors) == 1 and str(errors[0]).startswith(f"{path}: corrupt parquet data")
+
+
+def test_max_document_bytes_counts_the_text_not_its_json_escapes(tmp_path: Path) -> None:
+    """900 bytes of Chinese are ~1,800 bytes as JSON \\uXXXX escapes: under a 1,000-byte limit
+    the document is kept; 1,200 bytes of text are refused, naming the line."""
+    path = tmp_path / "zh.jsonl"
+    path.write_text("".join(json.dumps({"text": "中" * n}) + "\n" for n in (300, 400)))
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=str(path), max_document_bytes=1000)
+    assert list(read_documents(source, on_error=errors.append)) == ["中" * 300]
+    assert len(errors) == 1 and f"{path}:2: document of 1,200 bytes" in str(errors[0])

@@ -48,7 +48,8 @@ class SourceConfig:
     """Pretraining reads this source at most this many times (2.0: every document exactly twice,
     0.5: half of them once); None repeats it as often as its weight asks."""
     max_document_bytes: int = 32 * 2**20
-    """A larger document is bad input (an unsplit dump, a binary file): an error, or a reject."""
+    """A document whose text has more UTF-8 bytes is bad input (an unsplit dump, a binary
+    file): an error, or a reject."""
 
     def __post_init__(self) -> None:
         if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
@@ -186,6 +187,11 @@ def _optional(module: str, path: Path) -> Any:
         ) from None
 
 
+JSON_ESCAPE_GROWTH = 6
+"""A JSON line may be this many times its text's UTF-8 bytes (\\u0001 is 6 bytes for 1): the
+raw-line cap that bounds memory before the text is known."""
+
+
 def _check_size(num_bytes: int, source: SourceConfig, where: str) -> None:
     if num_bytes > source.max_document_bytes:
         raise DataError(
@@ -203,10 +209,13 @@ def _read_jsonl(f: IO[bytes], path: Path, source: SourceConfig, bad: ErrorHandle
             raw = raw[len(UTF8_BOM) :]
             offset = len(UTF8_BOM)
         try:
-            _check_size(len(raw), source, f"{path}:{lineno}")
+            if len(raw) > JSON_ESCAPE_GROWTH * source.max_document_bytes:
+                _check_size(len(raw), source, f"{path}:{lineno}")  # too big even escaped
             line = _decode(raw, path, lineno, offset)
             if line.strip():
-                yield _text_of(json_loads(line, path, lineno), path, lineno, source.text_field)
+                text = _text_of(json_loads(line, path, lineno), path, lineno, source.text_field)
+                _check_size(len(text.encode("utf-8")), source, f"{path}:{lineno}")
+                yield text
         except DataError as e:
             bad(e)
         offset += len(raw)
