@@ -306,3 +306,20 @@ def test_damaged_or_stale_restart_point_starts_over(
             manifest = tokenize_corpus(other, tokenizer, tmp_path / damage)
             assert manifest["heldout_fraction"] == 0.5
             assert manifest == tokenize_corpus(other, tokenizer, tmp_path / "fresh")
+
+
+def test_a_restart_sees_edits_to_local_hf_inputs(tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    """An interrupted run restarts only with unchanged inputs; `hf:<local folder or file>`
+    counts its files as a plain path does (it used to be the string alone)."""
+    from lmforge.data.tokenize import _fingerprint
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"text": "old"}) + "\n")
+    for spec in (f"hf:{folder}", f"hf:{folder}:train", f"hf:{folder / 'a.jsonl'}"):
+        cfg = DataConfig(sources=(SourceConfig(name="s", path=spec),))
+        before = _fingerprint(cfg, tokenizer)
+        (folder / "a.jsonl").write_text(json.dumps({"text": "new and longer"}) + "\n")
+        assert _fingerprint(cfg, tokenizer) != before, spec
+    hub = DataConfig(sources=(SourceConfig(name="s", path="hf:some/dataset:train"),))
+    assert _fingerprint(hub, tokenizer) == _fingerprint(hub, tokenizer)

@@ -332,6 +332,17 @@ def _read_hf(spec: str, source: SourceConfig, bad: ErrorHandler) -> Iterator[str
             bad(e)
 
 
+def hf_local_files(spec: str) -> list[Path]:
+    """The files behind `hf:<local file or folder>[:split]` (what a restart must find unchanged);
+    [] for a hub name."""
+    name = spec.removeprefix("hf:")
+    name = name.rpartition(":")[0] if _has_split(name) else name
+    path = Path(name)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+
+
 def _has_split(spec: str) -> bool:
     """`name:split` unless the part after the last colon is a path (Windows drives, URLs)."""
     head, sep, tail = spec.rpartition(":")

@@ -34,7 +34,13 @@ from lmforge.data.clean import DROP_REASONS, CleanConfig
 from lmforge.data.dedup import DedupConfig, Deduplicator
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.shards import ShardError, open_shard, write_shard
-from lmforge.data.sources import DataError, SourceConfig, read_documents, resolve_files
+from lmforge.data.sources import (
+    DataError,
+    SourceConfig,
+    hf_local_files,
+    read_documents,
+    resolve_files,
+)
 from lmforge.data.tokenize_workers import ProcessedDoc, Workers, input_batches
 from lmforge.data.tokenize_workers import split_of as split_of  # the pipeline's held-out text
 from lmforge.data.tokenizer import TextTokenizer
@@ -462,15 +468,17 @@ class _Run:
 
 
 def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
-    """Config + tokenizer + every input file's size and mtime: what a restart must match."""
+    """Config + tokenizer + every input file's size and mtime (local `hf:` folders too):
+    what a restart must match."""
     inputs: list[Any] = []
     for s in cfg.sources:
-        if s.path.startswith(("builtin:", "hf:")):
-            inputs.append([s.path])
+        if s.path.startswith("builtin:"):
+            files = []
+        elif s.path.startswith("hf:"):
+            files = hf_local_files(s.path)  # a hub dataset's revision is not known offline
         else:
-            inputs.append(
-                [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in resolve_files(s.path)]
-            )
+            files = resolve_files(s.path)
+        inputs.append([s.path, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]])
     blob = json.dumps(
         [FORMAT_VERSION, asdict(cfg), tokenizer.sha256, inputs], sort_keys=True, default=str
     )
