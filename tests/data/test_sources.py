@@ -267,3 +267,27 @@ def test_max_document_bytes_counts_the_text_not_its_json_escapes(tmp_path: Path)
     source = SourceConfig(name="t", path=str(path), max_document_bytes=1000)
     assert list(read_documents(source, on_error=errors.append)) == ["中" * 300]
     assert len(errors) == 1 and f"{path}:2: document of 1,200 bytes" in str(errors[0])
+
+
+def test_zstd_files_of_several_frames_are_read_whole_and_a_cut_one_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """zstandard's stream reader stopped silently where a cut file ended (inside a frame),
+    losing the rest of the source without a word."""
+    zstandard = pytest.importorskip("zstandard")
+    compress = zstandard.ZstdCompressor().compress
+    texts = [f"document {i} " * 20 for i in range(400)]
+    lines = [(json.dumps({"text": t}) + "\n").encode() for t in texts]
+    frames = compress(b"".join(lines[:150])) + compress(b"".join(lines[150:]))
+    (tmp_path / "two.jsonl.zst").write_bytes(frames)
+    assert _read(tmp_path / "two.jsonl.zst") == texts
+    for cut in (len(frames) // 3, len(frames) - 3):
+        (tmp_path / "cut.jsonl.zst").write_bytes(frames[:cut])
+        errors: list[DataError] = []
+        source = SourceConfig(name="t", path=str(tmp_path / "cut.jsonl.zst"))
+        docs = list(read_documents(source, on_error=errors.append))
+        assert docs == texts[: len(docs)] and len(docs) < len(texts)
+        assert [str(e) for e in errors] == [
+            f"{tmp_path / 'cut.jsonl.zst'}: truncated zstd file (it ends inside a frame);"
+            " re-compress it"
+        ]

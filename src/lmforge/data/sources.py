@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import gzip
 import importlib
-import io
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +166,34 @@ def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[
     elif suffix == ".jsonl.zst":
         zstandard = _optional("zstandard", path)
         try:
-            with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
-                yield from _read_jsonl(io.BufferedReader(z), path, source, bad)
+            yield from _read_jsonl(_zstd_lines(path, zstandard), path, source, bad)
         except zstandard.ZstdError as e:
             raise DataError(f"{path}: corrupt zstd file ({e}); re-compress it") from None
     elif suffix == ".parquet":
         yield from _read_parquet(path, source, bad)
     else:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+
+
+def _zstd_lines(path: Path, zstandard: Any) -> Iterator[bytes]:
+    """The lines of a zstd file, frame after frame. A file that ends inside a frame is an
+    error: zstandard's stream reader returned the lines it had and stopped without one."""
+    decompressor = zstandard.ZstdDecompressor()
+    frame, in_frame, pending = decompressor.decompressobj(), False, b""
+    with open(path, "rb") as raw:
+        while chunk := raw.read(1 << 20):
+            while chunk:
+                pending += frame.decompress(chunk)
+                in_frame = not frame.eof
+                chunk = frame.unused_data if frame.eof else b""
+                if frame.eof:
+                    frame = decompressor.decompressobj()
+            *lines, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in lines)
+    if in_frame:
+        raise DataError(f"{path}: truncated zstd file (it ends inside a frame); re-compress it")
+    if pending:
+        yield pending
 
 
 def _optional(module: str, path: Path) -> Any:
@@ -201,7 +220,9 @@ def _check_size(num_bytes: int, source: SourceConfig, where: str) -> None:
         )
 
 
-def _read_jsonl(f: IO[bytes], path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
+def _read_jsonl(
+    f: Iterable[bytes], path: Path, source: SourceConfig, bad: ErrorHandler
+) -> Iterator[str]:
     """One JSON object per line; blank lines are skipped; a bad line goes to `bad`."""
     offset = 0
     for lineno, raw in enumerate(f, start=1):
