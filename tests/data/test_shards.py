@@ -84,3 +84,19 @@ def test_list_shards_sorted_and_error_when_none(tmp_path: Path) -> None:
     ]
     with pytest.raises(ShardError, match="no test_\\*.bin shards"):
         list_shards(tmp_path, "test")
+
+
+def test_a_damaged_token_id_is_an_error_naming_the_shard(tmp_path: Path) -> None:
+    """The size and offsets still check out after a byte of token data is damaged; an id past
+    the vocabulary is refused when its document is read, the others still read."""
+    path = tmp_path / "train_00000.bin"
+    docs = _docs(1000)
+    write_shard(path, docs, [1, 1, 1, 1], 1000, SHA)
+    raw = bytearray(path.read_bytes())
+    at = 256 + 2 * 7  # the 8th token (uint16), in document 2
+    raw[at : at + 2] = b"\xff\xff"
+    path.write_bytes(bytes(raw))
+    shard = open_shard(path)
+    np.testing.assert_array_equal(shard.document(0), docs[0])
+    with pytest.raises(ShardError, match=re.escape(f"{path}: document 2 holds token id 65535")):
+        shard.document(2)

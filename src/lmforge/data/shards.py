@@ -43,10 +43,18 @@ class Shard:
     tokenizer_sha256: str
 
     def document(self, i: int) -> np.ndarray:
-        """Token ids of document `i` (a view into the memory map)."""
+        """Token ids of document `i` (a view into the memory map). An id past the vocabulary
+        is damage (a flipped bit): an error naming the shard here, not an opaque index error
+        in the embedding, or a device-side assert on a GPU."""
         if not 0 <= i < self.num_docs:
             raise IndexError(f"{self.path}: document {i} out of range (num_docs={self.num_docs})")
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+        doc = self.tokens[self.offsets[i] : self.offsets[i + 1]]
+        if len(doc) and int(doc.max()) >= self.vocab_size:
+            raise ShardError(
+                f"{self.path}: document {i} holds token id {int(doc.max())}, past the vocabulary"
+                f" ({self.vocab_size}); {_FIX}"
+            )
+        return doc
 
 
 def dtype_code(vocab_size: int) -> int:
