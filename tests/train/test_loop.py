@@ -242,3 +242,20 @@ def test_resume_mends_the_logs_and_the_rng_of_a_killed_run(
     assert len(rng) == 4 and all(
         torch.equal(a, b) for a, b in zip(rng, straight_rng[-4:], strict=True)
     )
+
+
+def test_resume_refuses_changed_batch_tokens_and_accepts_more_tokens(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """The loop counts steps, the stages count tokens: a resume whose batch size moved step 4
+    to other tokens would end early and skip the cooldown; extending the run is fine."""
+    run_dir = _sibling_run(tiny_run, tmp_path / "changed")
+    args = ("train.precision=fp32", "train.batch_tokens=512", "train.max_tokens=4096")
+    _pretrain_in_process(run_dir, *args, "train.stop_at_step=4")
+    overrides = [*TINY_OVERRIDES, f"run_dir={run_dir}", *args]
+    with pytest.raises(ValueError, match="at step 4 after 2048 tokens, where this recipe's"):
+        doubled = load_recipe(None, [*overrides, "train.batch_tokens=1024"])
+        pipeline.pretrain_stage(doubled, resume=True)
+    longer = load_recipe(None, [*overrides, "train.max_tokens=6144"])
+    records = pipeline.pretrain_stage(longer, resume=True)
+    assert records[0]["step"] == 5 and records[-1]["tokens"] == 6144

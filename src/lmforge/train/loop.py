@@ -45,7 +45,7 @@ from lmforge.train.parallelize import (
     parallelize,
     uses_autocast,
 )
-from lmforge.train.stages import Stage, stage_at, total_steps
+from lmforge.train.stages import Stage, stage_at, tokens_at_step, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,13 @@ def train(
     # the peak's test matrices draw random numbers: before the RNG is set to the checkpoint's
     peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
     step, tokens = _restore(ckpt_dir, resume, model, optimizer, loader, guard)
+    if tokens != tokens_at_step(stages, step):  # the loop counts steps, the stages tokens
+        raise ValueError(
+            f"{ckpt_dir}: the checkpoint is at step {step} after {tokens} tokens, where this"
+            f" recipe's stages put {tokens_at_step(stages, step)}: batch_tokens or the stages"
+            " changed since the run began. Resume with its recipe (in the checkpoint's"
+            " trainer.json; adding tokens at the end is fine), or start a new run_dir"
+        )
     if rank() == 0:  # records past the checkpoint are redone
         _truncate_jsonl(run_dir / "metrics.jsonl", step)
         _truncate_jsonl(run_dir / "events.jsonl", step)

@@ -194,6 +194,15 @@ def trained_stage(stages: tuple[Stage, ...], tokens: int) -> Stage:
     return stage_at(stages, max(tokens - 1, 0))
 
 
+def tokens_at_step(stages: tuple[Stage, ...], step: int) -> int:
+    """Tokens trained after `step` steps of these stages."""
+    for stage in stages:
+        if step <= stage.steps:
+            return stage.start + step * stage.batch_tokens
+        step -= stage.steps
+    return total_tokens(stages)
+
+
 def total_steps(stages: tuple[Stage, ...]) -> int:
     return sum(s.steps for s in stages)
 
