@@ -12,6 +12,7 @@ from lmforge.checkpoint import (
     CheckpointError,
     TrainerState,
     best_checkpoint,
+    clear_unfinished,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -141,6 +142,43 @@ def test_kill_mid_save_leaves_the_previous_checkpoint_latest(
         load_checkpoint(partial, Llama(tiny_cfg))
 
 
+def test_saving_a_step_again_replaces_it_and_a_kill_midway_loses_nothing(
+    tiny_cfg: ModelConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step saved again is moved aside until its replacement is in place; what a kill leaves
+    (an unfinished write, a step moved aside) is tidied before the next run saves."""
+    model, opt = _trained(tiny_cfg)
+    first = _save(tmp_path, model, opt, 1)
+    _save(tmp_path, model, opt, 2)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    _save(tmp_path, model, opt, 2)  # e.g. a rewind redid step 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+    again = Llama(tiny_cfg)
+    load_checkpoint(tmp_path / "step_00000002", again)
+    torch.testing.assert_close(again.norm.weight, model.norm.weight)
+
+    # a kill between moving step 2 aside and renaming its new save into place ...
+    rename = Path.rename
+
+    def killed(self: Path, target: Path) -> Path:
+        if self.name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, model, opt, 2)
+    monkeypatch.undo()
+    assert (tmp_path / ".old-step_00000002").is_dir() and (tmp_path / ".tmp-step_00000002").is_dir()
+    # ... one during a save of step 3, and a step 1 whose aside copy was not yet removed
+    (tmp_path / ".tmp-step_00000003" / "state").mkdir(parents=True)
+    shutil.copytree(first, tmp_path / ".old-step_00000001")
+    clear_unfinished(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
+    load_checkpoint(tmp_path / "step_00000002", Llama(tiny_cfg))
+
+
 def test_only_the_newest_checkpoints_are_kept(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
     model, opt = _trained(tiny_cfg)
     for step in (1, 2, 3):
@@ -158,6 +196,20 @@ def test_keep_best_keeps_the_lowest_held_out_loss_too(
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000004"]
     assert best_checkpoint(tmp_path) == tmp_path / "step_00000002"
     assert load_checkpoint(tmp_path / "step_00000002", Llama(tiny_cfg)).val_loss == 1.0
+
+
+def test_keep_best_compares_losses_measured_at_the_newest_length(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    """After a context extension the held-out rows are longer: a lower loss of the short stage
+    is not better, and the long stage's best is kept."""
+    model, opt = _trained(tiny_cfg)
+    for step, val, seq_len in ((1, 1.0, 64), (2, 2.0, 256), (3, 1.5, 256), (4, 1.8, 256)):
+        state = TrainerState(step, step * 100, {}, {}, val, val_seq_len=seq_len)
+        save_checkpoint(tmp_path, model, opt, state, keep_last=1, keep_best=True)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert best_checkpoint(tmp_path) == tmp_path / "step_00000003"
+    assert load_checkpoint(tmp_path / "step_00000003", Llama(tiny_cfg)).val_seq_len == 256
 
 
 def test_resume_falls_back_past_a_corrupted_checkpoint(

@@ -59,6 +59,8 @@ class TrainerState:
     """Held-out loss measured at this step, if any: `keep_best` keeps the lowest."""
     guard: dict[str, Any] = field(default_factory=dict)
     """The loss-spike guard's history, so a resumed run judges spikes as before."""
+    val_seq_len: int | None = None
+    """The sequence length val_loss was measured at: losses at other lengths don't compare."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -103,10 +105,13 @@ class PendingCheckpoint:
         _barrier()
         if _rank() == 0:
             _write_manifest(self.tmp)
-            if self.final.exists():
-                shutil.rmtree(self.final)
+            old = self.final.with_name(f".old-{self.final.name}")
+            if self.final.exists():  # the same step saved again (a rewind, a resume): moved
+                shutil.rmtree(old, ignore_errors=True)  # aside, not deleted, until replaced
+                self.final.rename(old)
             self.tmp.rename(self.final)
             _fsync_dir(self.directory)
+            shutil.rmtree(old, ignore_errors=True)
             _prune(self.directory, self.keep_last, self.keep_best)
             log.info("saved checkpoint %s", self.final)
         _barrier()
@@ -168,6 +173,7 @@ def start_checkpoint(
             "loader": state.loader,
             "recipe": state.recipe,
             "val_loss": state.val_loss,
+            "val_seq_len": state.val_seq_len,
             "guard": state.guard,
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
@@ -187,6 +193,24 @@ def _checkpoint_group() -> Any:
     return _CHECKPOINT_GROUP[0]
 
 
+def clear_unfinished(directory: Path) -> None:
+    """Tidy what a kill mid-save left, before a run saves: `.tmp-step_*` writes are removed (no
+    rank will finish them), and a step moved aside to be saved again is put back where its
+    replacement never landed."""
+    if _rank() == 0 and directory.is_dir():
+        for old in sorted(directory.glob(".old-step_*")):
+            final = old.with_name(old.name.removeprefix(".old-"))
+            if final.exists():
+                shutil.rmtree(old)
+            else:
+                old.rename(final)
+                log.warning("%s: put back; the save that was to replace it did not finish", final)
+        for tmp in sorted(directory.glob(".tmp-step_*")):
+            log.info("removing %s, a save that did not finish", tmp)
+            shutil.rmtree(tmp)
+    _barrier()
+
+
 def completed_checkpoints(directory: Path) -> list[Path]:
     """Checkpoints renamed into place (with a manifest), oldest first."""
     return sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
@@ -199,18 +223,25 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def best_checkpoint(directory: Path) -> Path | None:
-    """The completed checkpoint with the lowest held-out loss recorded, if any has one."""
-    scored = [(_val_loss(p), p) for p in completed_checkpoints(directory)]
-    scored = [(v, p) for v, p in scored if v is not None]
-    return min(scored)[1] if scored else None
-
-
-def _val_loss(path: Path) -> float | None:
-    try:
-        value = json.loads((path / "trainer.json").read_text()).get("val_loss")
-    except (OSError, json.JSONDecodeError):
+    """The completed checkpoint with the lowest held-out loss among those scored at the newest
+    scored one's sequence length (after a context extension, the losses of the shorter stage
+    measured other rows), if any has one."""
+    scored = [(*_val_score(p), p) for p in completed_checkpoints(directory)]
+    scored = [(loss, seq_len, p) for loss, seq_len, p in scored if loss is not None]
+    if not scored:
         return None
-    return float(value) if value is not None else None
+    newest_len = scored[-1][1]
+    return min((loss, p) for loss, seq_len, p in scored if seq_len == newest_len)[1]
+
+
+def _val_score(path: Path) -> tuple[float | None, int | None]:
+    """(val_loss, val_seq_len) from a checkpoint's trainer.json; None where not recorded."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    loss, seq_len = trainer.get("val_loss"), trainer.get("val_seq_len")
+    return (float(loss) if loss is not None else None), seq_len
 
 
 def load_newest_good(
@@ -273,6 +304,7 @@ def load_checkpoint(
         trainer["recipe"],
         trainer.get("val_loss"),
         trainer.get("guard", {}),
+        trainer.get("val_seq_len"),
     )
 
 

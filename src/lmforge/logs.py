@@ -47,10 +47,19 @@ class MetricsWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a", encoding="utf-8")
+        self.last_line_at: int | None = None
 
     def write(self, record: dict[str, Any]) -> None:
+        self.last_line_at = self.file.tell()
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
+
+    def rewrite_last(self, record: dict[str, Any]) -> None:
+        """Replace the line this writer wrote last (a step's record, completed after the fact)."""
+        if self.last_line_at is None:
+            raise ValueError(f"{self.file.name}: no line written yet to rewrite")
+        self.file.truncate(self.last_line_at)
+        self.write(record)
 
     def close(self) -> None:
         self.file.close()

@@ -131,15 +131,25 @@ def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path
         for name, w in (("english", 1), ("chinese", 0), ("code", 1))
     )
     records = _pretrain_in_process(
-        tiny_run, f"data.sources=[{sources}]", "train.log_every_steps=1", "train.max_tokens=16384"
+        tiny_run,
+        f"data.sources=[{sources}]",
+        "train.log_every_steps=1",
+        "train.max_tokens=16384",
+        "eval.every_steps=1000",  # only at the end, which the data decides
+        "train.keep_best=true",
     )
     assert 0 < len(records) < 32  # a fifth of two small sources runs out before 16,384 tokens
     seen = records[-1]["tokens_by_source"]
     assert seen["chinese"] == 0 and seen["english"] > 0 and seen["code"] > 0
     last = latest_checkpoint(tiny_run / "checkpoints")
     assert last is not None and last.name == f"step_{len(records):08d}"
-    consumed = json.loads((last / "trainer.json").read_text())["loader"]["consumed"]
+    trainer = json.loads((last / "trainer.json").read_text())
+    consumed = trainer["loader"]["consumed"]
     assert [len(v) for v in consumed.values()] == [1, 0, 1]  # nobody reached a second epoch
+    # the step the data ended at is evaluated, logged once, and scores its checkpoint
+    assert [r["step"] for r in records if "val_loss" in r] == [len(records)]
+    assert read_metrics(tiny_run / "metrics.jsonl") == records
+    assert (trainer["val_loss"], trainer["val_seq_len"]) == (records[-1]["val_loss"], 64)
 
 
 def test_async_save_writes_the_same_checkpoints(tiny_run: Path, tmp_path: Path) -> None:

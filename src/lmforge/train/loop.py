@@ -26,6 +26,7 @@ from lmforge.checkpoint import (
     PendingCheckpoint,
     TrainerState,
     checkpoint_dir,
+    clear_unfinished,
     latest_checkpoint,
     load_newest_good,
     start_checkpoint,
@@ -184,13 +185,22 @@ def train(
     saved_step = step
     pending: PendingCheckpoint | None = None
 
-    def save(val_loss: float | None = None) -> PendingCheckpoint | None:
-        """Start a checkpoint. A synchronous one is in place when this returns; an asynchronous
-        one is returned, and put in place once every rank has written its files."""
+    def save(record: dict[str, Any] | None = None) -> PendingCheckpoint | None:
+        """Start a checkpoint (scored by the step's record's val_loss, if it has one). A
+        synchronous one is in place when this returns; an asynchronous one is returned, and put
+        in place once every rank has written its files."""
         if pending is not None:  # one save in flight at a time
             pending.finish()
+        val_loss = record.get("val_loss") if record else None
+        val_seq_len = record["seq_len"] if val_loss is not None and record else None
         state = TrainerState(
-            step, tokens, loader.state_dict(), recipe, val_loss, guard.state_dict()
+            step,
+            tokens,
+            loader.state_dict(),
+            recipe,
+            val_loss,
+            guard.state_dict(),
+            val_seq_len,
         )
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
         started = start_checkpoint(*args, consolidate=cfg.save_consolidated)
@@ -220,8 +230,16 @@ def train(
             micro = list(itertools.islice(batches, accum))
             if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
                 log.warning("data exhausted after step %d (%d tokens): stopping", step, tokens)
-                if step > saved_step:
-                    pending = save()
+                last = records[-1] if records and records[-1]["step"] == step else None
+                scored = False
+                if evaluate is not None and last is not None and "val_loss" not in last:
+                    if last["stage"] == stage.name:  # the model is as it was at that step
+                        last.update(evaluate(model, stage.seq_len))  # the end gets its eval
+                        if metrics is not None:
+                            metrics.rewrite_last(last)
+                        scored = True
+                if step > saved_step or (scored and cfg.keep_best):  # saved again, scored
+                    pending = save(last)
                 break
             loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
             clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
@@ -305,7 +323,7 @@ def train(
             if step % cfg.log_every_steps == 0 or step == last_step or "val_loss" in record:
                 log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
             if step % cfg.save_every_steps == 0 or step == end_step:
-                pending = save(record.get("val_loss"))
+                pending = save(record)
                 saved_step = step
     except BaseException as e:
         # A checkpoint already written is put in place where every rank stops alike (one
@@ -337,6 +355,7 @@ def _restore(
 ) -> tuple[int, int]:
     """(step, tokens) to start from: the newest good checkpoint's with --resume, else 0. A run
     dir with checkpoints is never trained over without --resume."""
+    clear_unfinished(ckpt_dir)
     last = latest_checkpoint(ckpt_dir)
     if last is not None and not resume:
         raise FileExistsError(
