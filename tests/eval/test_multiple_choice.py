@@ -143,6 +143,11 @@ def test_metrics_by_hand() -> None:
     assert m["acc_bytes"] == pytest.approx(0.0)  # request 1: -1/2 vs -1.5/2 → 0; tie → 0
     # stderr of [1, 0, 0]: sample std sqrt(1/3) over sqrt(3)
     assert m["acc_stderr"] == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+    # an empty choice text divides by zero as lm-eval's numpy does: -x/0 = -inf loses
+    empty = Req(("",) * 2, ("", " "), 1, ("", "no"))
+    assert mc_metrics([empty], [s(-1.0, -5.0)])["acc_norm"] == 1.0
+    with pytest.raises(ValueError, match="no requests"):
+        mc_metrics([], [])
 
 
 def test_an_answer_longer_than_the_context_names_the_task(model: Llama, tmp_path: Path) -> None:

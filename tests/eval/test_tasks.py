@@ -207,6 +207,14 @@ def test_limit_takes_first_docs_and_applies_per_subject() -> None:
     assert load_task("piqa", DATA / "piqa", limit=7).requests == full.requests[:7]
     data = load_task("ceval", _folder("ceval"), limit=2)
     assert len(data.requests) == 2 * len(TASKS["ceval"].subjects)
+    with pytest.raises(ValueError, match="limit=0 >= 1"):
+        load_task("piqa", DATA / "piqa", limit=0)
+
+
+def test_a_task_with_no_documents_is_an_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "validation.jsonl").write_text("\n")
+    with pytest.raises(TaskFormatError, match="piqa: no documents to score"):
+        load_task("piqa", tmp_path)
 
 
 def test_llm_foundry_arc_query_gives_lm_eval_prompt(tmp_path: Path) -> None:
@@ -261,8 +269,9 @@ def test_default_path_loads_the_hub_dataset_lm_eval_uses(monkeypatch: pytest.Mon
         "load_dataset",
         lambda path, name, split: calls.append((path, name, split)) or [],
     )
-    load_task("winogrande")
-    load_task("hellaswag")
+    for name in ("winogrande", "hellaswag"):
+        with pytest.raises(TaskFormatError, match=f"{name}: no documents to score"):
+            load_task(name)
     assert calls == [
         ("allenai/winogrande", "winogrande_xl", "validation"),
         ("Rowan/hellaswag", None, "validation"),

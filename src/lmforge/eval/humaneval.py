@@ -96,7 +96,8 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
     canonical_solution (OpenAI's format; other fields are ignored).
     """
     path = _packaged_problems() if path is None else Path(path)
-    problems, seen = [], {}
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}  # task_id: line
     with _open_text(path) as f:
         for line_no, record in json_lines(f, path):
             missing = [key for key in _FIELDS if not isinstance(record.get(key), str)]
@@ -104,9 +105,8 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
                 raise ValueError(f"{path}:{line_no}: missing string field(s) {', '.join(missing)}")
             problem = Problem(**{key: record[key] for key in _FIELDS})
             if problem.task_id in seen:
-                raise ValueError(
-                    f"{path}:{line_no}: task_id {problem.task_id!r} repeats line {seen[problem.task_id]}"
-                )
+                task, first = problem.task_id, seen[problem.task_id]
+                raise ValueError(f"{path}:{line_no}: task_id {task!r} repeats line {first}")
             seen[problem.task_id] = line_no
             problems.append(problem)
     if not problems:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -228,26 +229,21 @@ def mc_metrics(
     """acc, acc_norm, acc_bytes and their standard errors (sample std / sqrt(n), as lm-eval)."""
     hits: dict[str, list[float]] = {"acc": [], "acc_norm": [], "acc_bytes": []}
     for request, choice_scores in zip(requests, scores, strict=True):
-        lp = [s.logprob for s in choice_scores]
-        chars = [len(t) for t in request.choice_texts]
-        nbytes = [len(t.encode("utf-8")) for t in request.choice_texts]
-        hits["acc"].append(float(_argmax(lp) == request.gold))
-        hits["acc_norm"].append(
-            float(_argmax([x / n for x, n in zip(lp, chars, strict=True)]) == request.gold)
-        )
-        hits["acc_bytes"].append(
-            float(_argmax([x / n for x, n in zip(lp, nbytes, strict=True)]) == request.gold)
-        )
+        lp = np.array([s.logprob for s in choice_scores])
+        chars = np.array([len(t) for t in request.choice_texts], dtype=np.float64)
+        nbytes = np.array([len(t.encode("utf-8")) for t in request.choice_texts], np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice text: -inf/nan,
+            norm, per_byte = lp / chars, lp / nbytes  # as in lm-eval, not an error
+        hits["acc"].append(float(np.argmax(lp) == request.gold))
+        hits["acc_norm"].append(float(np.argmax(norm) == request.gold))
+        hits["acc_bytes"].append(float(np.argmax(per_byte) == request.gold))
+    if not hits["acc"]:
+        raise ValueError("mc_metrics: no requests to score")
     out: dict[str, float] = {}
     for name, values in hits.items():
         out[name] = sum(values) / len(values)
         out[f"{name}_stderr"] = _stderr(values)
     return out
-
-
-def _argmax(xs: Sequence[float]) -> int:
-    """First index of the maximum (numpy's tie rule, which lm-eval relies on)."""
-    return max(range(len(xs)), key=lambda i: (xs[i], -i))
 
 
 def _stderr(values: Sequence[float]) -> float:

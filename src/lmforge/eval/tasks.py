@@ -404,10 +404,12 @@ def load_task(
     """
     spec = task_spec(name)
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
-    if k < 0 or (limit is not None and limit < 0):
-        raise ValueError(f"{name}: num_fewshot={k} and limit={limit} must be >= 0")
+    if k < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"{name}: num_fewshot={k} must be >= 0 and limit={limit} >= 1")
     requests: list[Request] = []
     for sub in load_docs(name, path, fewshot=k > 0):
+        if not sub.docs:
+            raise TaskFormatError(f"{sub.name}: no documents to score (path: {path or 'hub'})")
         pool = sub.fewshot_docs or []
         if k and len(pool) < k + spec.exclude_eval_doc:
             raise TaskFormatError(f"{sub.name}: {k} few-shot examples asked, {len(pool)} available")
