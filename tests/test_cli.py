@@ -161,7 +161,7 @@ def test_truncated_shard_and_checkpoint_are_named(
     assert "model.safetensors: truncated" in capsys.readouterr().err
     shard = tiny_run / "shards" / "train_english_00000.bin"
     shard.write_bytes(shard.read_bytes()[:-8])
-    assert main(["pretrain", *args]) == 2
+    assert main(["pretrain", "--resume", *args]) == 2
     err = capsys.readouterr().err
     assert "train_english_00000.bin" in err and "truncated" in err
 
@@ -182,7 +182,7 @@ def test_fresh_pretrain_never_overwrites_an_earlier_run(
     assert main(["pretrain", *args]) == 0
     before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
     assert main(["pretrain", *args]) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    assert "continue it with --resume" in capsys.readouterr().err
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
     assert main(["pretrain", "--resume", *args]) == 0  # already complete: nothing to do
 

@@ -269,3 +269,24 @@ def test_resume_refuses_changed_batch_tokens_and_accepts_more_tokens(
     longer = load_recipe(None, [*overrides, "train.max_tokens=6144"])
     records = pipeline.pretrain_stage(longer, resume=True)
     assert records[0]["step"] == 5 and records[-1]["tokens"] == 6144
+
+
+def test_a_trained_run_dir_is_not_rewritten_by_a_rerun(tiny_run: Path) -> None:
+    """Without --resume, pretrain, tokenize, train-tokenizer and run refuse a run dir with
+    checkpoints before they write anything: its tokenizer, shards and recipe stay the ones
+    its checkpoints were trained with."""
+    _pretrain_in_process(tiny_run, "train.stop_at_step=2", "train.save_every_steps=2")
+    files = sorted(p for p in tiny_run.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    other = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={tiny_run}", "tokenizer.vocab_size=300"])
+    stages = (
+        pipeline.pretrain_stage,
+        pipeline.tokenize_stage,
+        pipeline.train_tokenizer_stage,
+        pipeline.run_all,
+    )
+    for stage in stages:
+        with pytest.raises(FileExistsError, match="holds checkpoints of a trained run"):
+            stage(other)
+    assert sorted(p for p in tiny_run.rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == data for p, data in before.items())

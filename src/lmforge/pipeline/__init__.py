@@ -66,6 +66,7 @@ def run_all(recipe: Recipe) -> dict[str, Any]:
             "run/demo are single-process; under torchrun run only the pretrain verb (prepare"
             " the tokenizer and shards first with 'lmforge tokenize' in one process)"
         )
+    RunPaths(recipe.run_dir).refuse_if_trained("running the chain again")
     train_tokenizer_stage(recipe)
     manifest = tokenize_stage(recipe)
     records = pretrain_stage(recipe)

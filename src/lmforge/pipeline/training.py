@@ -52,13 +52,25 @@ class RunPaths:
         self.eval = self.root / "eval.json"
         self.export = self.root / "hf"
 
+    def refuse_if_trained(self, change: str) -> None:
+        """A run dir with checkpoints keeps the tokenizer, shards and recipe they were trained
+        with: `change` is refused before anything is written."""
+        if latest_checkpoint(self.checkpoints) is not None:
+            raise FileExistsError(
+                f"{self.root} holds checkpoints of a trained run, which {change} would not match;"
+                " continue it with --resume, or use another run_dir (nothing was changed)"
+            )
+
 
 def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
     """BPE on a sample of the cleaned sources, each source's share of bytes as the recipe says."""
     paths = RunPaths(recipe.run_dir)
+    paths.refuse_if_trained("a new tokenizer")
     paths.root.mkdir(parents=True, exist_ok=True)
     sources = recipe.data.sources
-    shares = dict(recipe.tokenizer.source_shares) or {s.name: s.weight or 1.0 for s in sources}
+    shares = dict(recipe.tokenizer.source_shares) or {
+        s.name: 1.0 if s.weight is None else s.weight for s in sources
+    }
     if set(shares) != {s.name for s in sources}:
         raise RecipeError(
             f"tokenizer.source_shares names {sorted(shares)}; give a share for each of the"
@@ -82,6 +94,7 @@ def _cleaned(texts: Iterator[str], cfg: CleanConfig) -> Iterator[str]:
 
 def tokenize_stage(recipe: Recipe) -> dict[str, Any]:
     paths = RunPaths(recipe.run_dir)
+    paths.refuse_if_trained("new shards")
     tokenizer = TextTokenizer.load(paths.tokenizer)
     return tokenize_corpus(recipe.data, tokenizer, paths.shards)
 
@@ -94,6 +107,8 @@ def pretrain_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]
             f"model.vocab_size {recipe.model.vocab_size} < the tokenizer's "
             f"{tokenizer.vocab_size} tokens ({paths.tokenizer})"
         )
+    if not resume:
+        paths.refuse_if_trained("a new recipe")
     init_distributed(recipe.parallel)
     if rank() == 0:
         save_recipe(recipe, paths.root / "recipe.yaml")
@@ -131,6 +146,8 @@ def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
     paths = RunPaths(recipe.run_dir)
     if recipe.train.init_from is None:
         raise RecipeError("train.init_from: sft starts from a pretrained checkpoint or HF folder")
+    if not resume:
+        paths.refuse_if_trained("a new recipe and tokenizer")
     base = initial_checkpoint(recipe.train.init_from)
     tokenizer = _adopt_tokenizer(recipe, base, paths)
     recipe = replace(recipe, model=_base_model_config(base))
