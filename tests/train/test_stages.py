@@ -55,14 +55,37 @@ def test_stages_inherit_and_start_where_the_previous_really_ended() -> None:
     ]
     assert [s.micro_batch_size for s in stages] == [8, 4, 4, 2]  # 128 tokens per micro-batch
     assert [s.rope_theta for s in stages[:3]] == [1e4, 5e5, 5e5]
-    assert stages[3].rope_theta == pytest.approx(1e4 * 4 ** (8 / 6))
-    assert stages[3].rope_theta == ntk_rope_theta(1e4, 4.0, 8)
+    assert stages[3].rope_theta == pytest.approx(5e5 * 2 ** (8 / 6))  # from 32 at 5e5 to 64
+    assert stages[3].rope_theta == ntk_rope_theta(5e5, 2.0, 8)
     # lr: each stage starts where the previous ended unless it says otherwise
     assert [(s.lr, s.end_lr) for s in stages] == [(1.0, 0.1), (0.1, 0.0), (0.0, 0.0), (0.0, 0.0)]
     assert [stage_at(stages, t).name for t in (0, 299, 300, 699, 700, 900, 1100, 5000)] == [
         "2k", "2k", "4k", "4k", "cool", "ext", "ext", "ext",
     ]  # fmt: skip
     assert trained_stage(stages, 300).name == "2k" and trained_stage(stages, 301).name == "4k"
+
+
+def test_ntk_scales_the_previous_stages_base_and_length() -> None:
+    """A first stage with its own length and base is where an ntk stage scales from; chained
+    ntk stages compose to one over the whole length ratio."""
+    first, ext = resolve_stages(
+        (
+            StageConfig(name="a", tokens=100, seq_len=32, rope_theta=5e5),
+            StageConfig(name="b", tokens=100, seq_len=64, rope_theta_rule="ntk"),
+        ),
+        RUN,
+    )
+    assert ext.rope_theta == pytest.approx(5e5 * 2 ** (8 / 6))
+    _, mid, last = resolve_stages(
+        (
+            StageConfig(name="a", tokens=100),
+            StageConfig(name="b", tokens=100, seq_len=32, rope_theta_rule="ntk"),
+            StageConfig(name="c", tokens=100, seq_len=64, rope_theta_rule="ntk"),
+        ),
+        RUN,
+    )
+    assert mid.rope_theta == pytest.approx(ntk_rope_theta(1e4, 2.0, 8))
+    assert last.rope_theta == pytest.approx(ntk_rope_theta(1e4, 4.0, 8))
 
 
 def test_lr_segments_warm_up_decay_and_hold() -> None:

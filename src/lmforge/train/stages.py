@@ -37,9 +37,10 @@ class StageConfig:
     """RoPE base from this stage on (ABF context extension raises it); None: see
     rope_theta_rule."""
     rope_theta_rule: Literal["keep", "ntk"] = "keep"
-    """With rope_theta None: "keep" the previous base, or "ntk": scale the first stage's base by
-    (seq_len / first seq_len)^(d/(d-2)), d = head_dim, so the lowest frequency stretches over
-    the new length as it did over the old one."""
+    """With rope_theta None: "keep" the previous stage's base, or "ntk": scale it by
+    (seq_len / previous seq_len)^(d/(d-2)), d = head_dim, so the lowest frequency stretches
+    over the new length as it did over the previous stage's (chained ntk stages compose; the
+    first stage's previous is the model's rope_theta at packing.seq_len)."""
     mixture: dict[str, float] = field(default_factory=dict)
     """Source weights from this stage on (a source left out keeps the weight an earlier stage,
     or else data.sources, gave it); empty: unchanged. The switch happens when the document
@@ -123,12 +124,12 @@ def resolve_stages(stages: tuple[StageConfig, ...], run: RunDefaults) -> tuple[S
     start, seq_len, batch, theta, lr = 0, run.seq_len, run.batch_tokens, run.rope_theta, run.lr
     row_tokens = run.micro_batch_size * run.seq_len
     for i, cfg in enumerate(stages):
-        seq_len = cfg.seq_len or seq_len
+        previous_len, seq_len = seq_len, cfg.seq_len or seq_len
         batch = cfg.batch_tokens or batch
         if cfg.rope_theta is not None:
             theta = cfg.rope_theta
         elif cfg.rope_theta_rule == "ntk":
-            theta = ntk_rope_theta(run.rope_theta, seq_len / run.seq_len, run.head_dim)
+            theta = ntk_rope_theta(theta, seq_len / previous_len, run.head_dim)
         start_lr = cfg.lr if cfg.lr is not None else lr
         stage = Stage(
             index=i,
