@@ -68,9 +68,8 @@ def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
     paths.refuse_if_trained("a new tokenizer")
     paths.root.mkdir(parents=True, exist_ok=True)
     sources = recipe.data.sources
-    shares = dict(recipe.tokenizer.source_shares) or {
-        s.name: 1.0 if s.weight is None else s.weight for s in sources
-    }
+    # a source weighted 0 may be read by a later stage's mixture: it shapes the vocabulary too
+    shares = dict(recipe.tokenizer.source_shares) or {s.name: s.weight or 1.0 for s in sources}
     if set(shares) != {s.name for s in sources}:
         raise RecipeError(
             f"tokenizer.source_shares names {sorted(shares)}; give a share for each of the"
