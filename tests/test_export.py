@@ -92,17 +92,34 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path: Path, tokenizer_
     assert config["eos_token_id"] == ours.token_to_id("<|eos|>")
 
 
-def test_export_replaces_an_existing_folder(tmp_path: Path) -> None:
+def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    export_hf(tiny_model(), out)
+    export_hf(tiny_model(tie=True), out)
+    export_hf(tiny_model(), out)  # an earlier export: replaced
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
         "generation_config.json",
         "model.safetensors",
     ]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    # a run dir (or any folder of other files) given by mistake is left as it was
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"run: holds files an export does not write"):
+        export_hf(tiny_model(), run)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "tokenizer.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        export_hf(tiny_model(), tmp_path / "file")
+    # a symlink: the export lands where it points, again and again
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "disk" / "hf")
+    for _ in range(2):
+        assert export_hf(tiny_model(), tmp_path / "latest") == tmp_path / "latest"
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "disk/hf/config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["hf"]
 
 
 def test_hf_config_round_trips() -> None:

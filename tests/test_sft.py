@@ -13,7 +13,7 @@ import pytest
 from lmforge import pipeline
 from lmforge.checkpoint import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
-from lmforge.data.tokenizer import TextTokenizer
+from lmforge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from lmforge.generate import GenerateConfig, generate
 from lmforge.logs import read_metrics
 from lmforge.recipe import RecipeError, load_recipe
@@ -93,6 +93,10 @@ def test_sft_from_an_hf_folder_and_resume(base: Path, tmp_path: Path) -> None:
     data = chat_data(tmp_path / "chat.jsonl", n=160)
     base_recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={base.parent.parent}"])
     hf = pipeline.export_stage(base_recipe, checkpoint=base, out=tmp_path / "export")
+    from transformers import GenerationConfig
+
+    ends = [SPECIAL_TOKENS.index("<|eos|>"), SPECIAL_TOKENS.index("<|im_end|>")]
+    assert GenerationConfig.from_pretrained(hf).eos_token_id == ends  # a turn's end stops too
     straight, split = tmp_path / "straight", tmp_path / "split"
     pipeline.sft_stage(load_recipe(None, sft_overrides(straight, hf, data, 1)))
     pipeline.sft_stage(

@@ -179,6 +179,7 @@ def _write_folder(
     tokenizer_file: Path | None,
     special_tokens: dict[str, str],
     max_position_embeddings: int,
+    end_of_turn: str | None,
 ) -> None:
     token_ids = _special_token_ids(tokenizer_file, special_tokens) if tokenizer_file else {}
     dtype = next(model.parameters()).dtype
@@ -187,10 +188,41 @@ def _write_folder(
     )
     _write_json(folder / CONFIG_FILE, config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if end_of_turn is not None and tokenizer_file is not None:  # generate() stops at either
+        turn = _special_token_ids(tokenizer_file, {"eos_token": end_of_turn})["eos_token"]
+        generation["eos_token_id"] = [config["eos_token_id"], turn]
     _write_json(folder / "generation_config.json", generation)
     save_file(hf_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_file is not None:
         _write_tokenizer(folder, tokenizer_file, special_tokens)
+
+
+EXPORT_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        "generation_config.json",
+        WEIGHTS_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)
+"""What an export writes: a folder holding nothing else (or nothing) may be replaced."""
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace anything but an earlier export: pointed at a run dir or a folder of
+    other files by mistake, export would delete them."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a folder (nothing was changed)")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+        if others:
+            raise FileExistsError(
+                f"{out_dir}: holds files an export does not write ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}); export to a new or empty folder, or"
+                " to an earlier export (nothing was changed)"
+            )
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -212,13 +244,17 @@ def export_hf(
     special_tokens: dict[str, str] | None = None,
     *,
     max_position_embeddings: int = 4096,
+    end_of_turn: str | None = None,
 ) -> Path:
     """Write out_dir as an HF LlamaForCausalLM folder, weights in the model's dtype; return it.
 
-    special_tokens, e.g. {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}, needs tokenizer_file.
-    Everything is written to a temporary sibling folder first, so out_dir is never half-written.
+    special_tokens, e.g. {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}, needs tokenizer_file;
+    end_of_turn (a chat model's "<|im_end|>") is a second eos_token_id for generate().
+    Everything is written to a temporary sibling folder first, so out_dir is never half-written;
+    out_dir (a symlink: where it points) may be new, empty or an earlier export.
     """
-    out_dir = Path(out_dir)
+    given, out_dir = Path(out_dir), Path(out_dir).resolve()
+    _check_replaceable(out_dir)
     special_tokens = dict(special_tokens or {})
     if special_tokens and tokenizer_file is None:
         raise ValueError(
@@ -231,13 +267,13 @@ def export_hf(
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the export is meant to be shared
     try:
         tok_file = Path(tokenizer_file) if tokenizer_file is not None else None
-        _write_folder(model, tmp, tok_file, special_tokens, max_position_embeddings)
+        _write_folder(model, tmp, tok_file, special_tokens, max_position_embeddings, end_of_turn)
         _replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     log.info("exported HF LlamaForCausalLM to %s", out_dir)
-    return out_dir
+    return given
 
 
 def read_hf_config(folder: Path) -> ModelConfig:

@@ -219,4 +219,5 @@ def export_stage(
         tokenizer_file=paths.tokenizer,
         special_tokens=special,
         max_position_embeddings=trained.packing.seq_len,
+        end_of_turn="<|im_end|>",
     )
