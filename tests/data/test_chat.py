@@ -135,7 +135,8 @@ def shared_conversations() -> list[list[Message]]:
 def test_template_equals_apply_chat_template(
     tokenizer: TextTokenizer, hf_tokenizer: object
 ) -> None:
-    conversations = [TURNS]
+    leading = ["\nHello", "\n\n  Hi\n", "  \nx", "\r\nx", " x", "\t\n", "", "\n"]
+    conversations = [TURNS, *([Message("user", c), Message("assistant", c)] for c in leading)]
     if SHARED_SFT.is_dir():
         conversations += shared_conversations()
     for turns in conversations:

@@ -159,9 +159,13 @@ def render(
 
     newline = tokenizer.encode("\n")
     for m in messages:
-        learn = m.role == "assistant"
-        add([start, *tokenizer.encode(m.role + "\n")], False)
-        add([*tokenizer.encode(m.content), end], learn)
+        # role and content as one text, as the template's output is tokenized: the
+        # pre-tokenizer joins the role's newline with whitespace that starts the content
+        head = m.role + "\n"
+        encoding = tokenizer.backend.encode(head + m.content, add_special_tokens=False)
+        in_head = sum(1 for begin, _ in encoding.offsets if begin < len(head))
+        add([start, *encoding.ids[:in_head]], False)
+        add([*encoding.ids[in_head:], end], m.role == "assistant")
         add(newline, False)
     if add_generation_prompt:
         add([start, *tokenizer.encode("assistant\n")], False)
