@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmforge import batching
-from lmforge.assistant import Assistant, chat_loop
+from lmforge.assistant import Assistant, Reply, chat_loop
 from lmforge.data.chat import Message
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.generate import GenerateConfig, generate, last_logits
@@ -285,6 +285,27 @@ def test_concurrent_requests_share_one_batch_and_get_their_own_replies(
             assistant.delay = 0.0
     assert together == alone
     assert app.state.batcher.widest >= 3
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        ("Hello\n\nUser: hi", ["\n\nUser:"], "Hello"),
+        ("Hello\n\nUsed", ["\n\nUser:"], "Hello\n\nUsed"),  # a prefix that does not finish
+        ("ab!cd", ["!", "b!x"], "ab"),
+        ("abcd", ["cdx", "d"], "abc"),
+    ],
+)
+def test_no_part_of_a_stop_string_is_streamed(
+    assistant: Assistant, text: str, stop: list[str], expected: str
+) -> None:
+    """A stop string that spans tokens: its first pieces are held back until it completes (and
+    nothing of it is sent) or is ruled out (and they are)."""
+    ids = [t for char in text for t in assistant.tokenizer.encode(char)]  # a token a character
+    reply = Reply(prompt_tokens=0)
+    pieces = list(assistant.pieces(iter(ids), reply, stop))
+    assert "".join(pieces) == expected
+    assert reply.finish_reason == ("stop" if expected != text else "length")
 
 
 def test_n_completions_come_from_one_batch(client: openai.OpenAI, assistant: Assistant) -> None:

@@ -137,12 +137,25 @@ class Assistant:
                 return
             if text.endswith("\ufffd"):  # the middle of a multi-byte character
                 continue
-            if len(text) > len(sent):
-                yield text[len(sent) :]
-                sent = text
+            safe = len(text) - _stop_prefix_at_end(text, stop)  # may yet become a stop string
+            if safe > len(sent):
+                yield text[len(sent) : safe]
+                sent = text[:safe]
         text = self.tokenizer.decode(ids)
         if len(text) > len(sent):
             yield text[len(sent) :]
+
+
+def _stop_prefix_at_end(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back until the
+    next tokens complete it or rule it out)."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
 
 
 def chat_loop(
