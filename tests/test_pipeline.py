@@ -1,14 +1,18 @@
-"""The pipeline's view of the shards: per-source splits and the pretraining mixture."""
+"""The pipeline's view of the shards (per-source splits, the pretraining mixture), and what the
+stages that start from a checkpoint read with it."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
 
+from lmforge import pipeline
 from lmforge.data.loader import split_sources, whole_split
 from lmforge.data.tokenizer import TextTokenizer
+from lmforge.generate import GenerateConfig
 from lmforge.pipeline import mixture_sources
 from lmforge.recipe import RecipeError, load_recipe
 from tests.conftest import TINY_OVERRIDES
@@ -84,3 +88,33 @@ def test_held_out_packing_is_the_evaluators_choice(
         assert set(seen) == {setting is True}  # the whole split and each source part
         seen.clear()
     assert losses[None] == losses[False] != losses[True]
+
+
+def test_a_checkpoint_of_another_run_keeps_its_tokenizer_and_context(
+    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """generate/export --checkpoint OTHER_RUN/checkpoints/step_* read OTHER_RUN's tokenizer,
+    not the recipe's run dir's; generate keeps prompt + new tokens inside the trained context."""
+    args = [*TINY_OVERRIDES, "train.stop_at_step=2", "train.save_every_steps=2"]
+    first = load_recipe(None, [*args, f"run_dir={tiny_run}"])
+    pipeline.pretrain_stage(first)
+    ckpt = tiny_run / "checkpoints" / "step_00000002"
+    second = load_recipe(
+        None, [*args, f"run_dir={tmp_path / 'second'}", "tokenizer.vocab_size=300"]
+    )
+    pipeline.train_tokenizer_stage(second)
+
+    prompts = ["The river", "水"]
+    cfg = GenerateConfig(temperature=0, max_new_tokens=6)
+    assert pipeline.generate_stage(second, prompts, ckpt, cfg) == pipeline.generate_stage(
+        first, prompts, None, cfg
+    )
+    out = pipeline.export_stage(second, checkpoint=ckpt, out=tmp_path / "hf")
+    exported = TextTokenizer.load(out / "tokenizer.json").backend.get_vocab()
+    assert exported == TextTokenizer.load(tiny_run / "tokenizer.json").backend.get_vocab()
+
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        pipeline.generate_stage(first, ["x"], None, GenerateConfig(max_new_tokens=1000))
+    assert "max_new_tokens 1000 cut to 62" in caplog.text  # 64 - (BOS + "x")
+    with pytest.raises(ValueError, match="fills the model's trained context of 64 tokens"):
+        pipeline.generate_stage(first, ["word " * 80], None, cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,16 @@ from lmforge.export import export_hf
 from lmforge.generate import GenerateConfig, generate_texts
 from lmforge.logs import progress
 from lmforge.perf import autocast_dtype
-from lmforge.pipeline.training import RunPaths, find_checkpoint, load_trained, perplexity
+from lmforge.pipeline.training import (
+    RunPaths,
+    checkpoint_tokenizer,
+    find_checkpoint,
+    load_trained,
+    perplexity,
+)
 from lmforge.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, Any]:
@@ -30,7 +39,7 @@ def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str
     model, trained = load_trained(path)
     trained = replace(trained, eval=recipe.eval)  # how to evaluate is the caller's choice
     paths = RunPaths(recipe.run_dir)
-    tokenizer = TextTokenizer.load(paths.tokenizer)
+    tokenizer = TextTokenizer.load(checkpoint_tokenizer(recipe, path))
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     val = whole_split(paths.shards, "val", tokenizer.sha256)
     device = resolve_device(recipe.train.device)
@@ -53,7 +62,7 @@ def position_stage(
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
     paths = RunPaths(recipe.run_dir)
-    tokenizer = TextTokenizer.load(paths.tokenizer)
+    tokenizer = TextTokenizer.load(checkpoint_tokenizer(recipe, path))
     val = whole_split(paths.shards, "val", tokenizer.sha256)
     device = resolve_device(recipe.train.device)
     long_docs = (
@@ -108,7 +117,7 @@ def benchmark_stage(
     check_task_names(tasks)
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
-    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    tokenizer = TextTokenizer.load(checkpoint_tokenizer(recipe, path))
     device = resolve_device(recipe.train.device)
     cfg = SuiteConfig(
         tasks=tuple(tasks),
@@ -144,7 +153,7 @@ def needle_stage(
 
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
-    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    tokenizer = TextTokenizer.load(checkpoint_tokenizer(recipe, path))
     train_len = trained.packing.seq_len
     auto = [train_len // 4, train_len // 2, train_len, 2 * train_len]
     cfg = needle.NeedleConfig(
@@ -182,9 +191,28 @@ def generate_stage(
     checkpoint: str | Path | None = None,
     cfg: GenerateConfig | None = None,
 ) -> list[str]:
-    model, _ = load_trained(find_checkpoint(recipe, checkpoint))
-    tokenizer = TextTokenizer.load(RunPaths(recipe.run_dir).tokenizer)
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
+    tokenizer = TextTokenizer.load(checkpoint_tokenizer(recipe, path))
     cfg = cfg or recipe.generate
+    longest = max((1 + len(tokenizer.encode(p)) for p in prompts), default=0)
+    room = trained.packing.seq_len - longest
+    if room < 1:
+        raise ValueError(
+            f"generate: a prompt of {longest} tokens fills the model's trained context of"
+            f" {trained.packing.seq_len} tokens ({path})"
+        )
+    if cfg.max_new_tokens > room:
+        log.warning(
+            "generate: max_new_tokens %d cut to %d, so the longest prompt (%d tokens) and its"
+            " continuation fit the trained context of %d tokens",
+            cfg.max_new_tokens,
+            room,
+            longest,
+            trained.packing.seq_len,
+        )
+        cfg = replace(cfg, max_new_tokens=room)
+    model.to(resolve_device(recipe.train.device))
     return generate_texts(model, tokenizer, prompts, 1, cfg)  # prompt i samples with seed + i
 
 
@@ -197,8 +225,10 @@ def export_stage(
 ) -> Path:
     """A checkpoint as a Hugging Face folder (fmt "hf", RUN/hf) or one GGUF file (fmt "gguf",
     RUN/model-{dtype}.gguf, dtype f32/f16/bf16)."""
-    model, trained = load_trained(find_checkpoint(recipe, checkpoint))
+    path = find_checkpoint(recipe, checkpoint)
+    model, trained = load_trained(path)
     paths = RunPaths(recipe.run_dir)
+    tokenizer_file = checkpoint_tokenizer(recipe, path)
     if fmt == "gguf":
         from lmforge.export_gguf import export_gguf
 
@@ -206,7 +236,7 @@ def export_stage(
         return export_gguf(
             model,
             target,
-            paths.tokenizer,
+            tokenizer_file,
             dtype,  # type: ignore[arg-type]  # the CLI restricts the choices
             context_length=trained.packing.seq_len,
             name=paths.root.name,
@@ -216,7 +246,7 @@ def export_stage(
     return export_hf(
         model,
         target,
-        tokenizer_file=paths.tokenizer,
+        tokenizer_file=tokenizer_file,
         special_tokens=special,
         max_position_embeddings=trained.packing.seq_len,
         end_of_turn="<|im_end|>",

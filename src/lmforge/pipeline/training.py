@@ -385,6 +385,15 @@ def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:
     return found
 
 
+def checkpoint_tokenizer(recipe: Recipe, checkpoint: Path) -> Path:
+    """The tokenizer.json a checkpoint was trained with: its own run dir's (RUN/checkpoints/
+    step_*), else the recipe's run dir's (a checkpoint copied elsewhere)."""
+    own = checkpoint.parent.parent / "tokenizer.json"
+    if checkpoint.parent.name == "checkpoints" and own.is_file():
+        return own
+    return RunPaths(recipe.run_dir).tokenizer
+
+
 def tokenizer_report_stage(
     recipe: Recipe, references: list[str], max_bytes_per_source: int = 300_000
 ) -> dict[str, Any]:
