@@ -54,6 +54,20 @@ def test_model_preset_with_overrides(tmp_path: Path) -> None:
         ("packing: {document_masking: 1}\n", r"packing\.document_masking: expected bool"),
         ("- a\n- b\n", r"p\.yaml: a recipe is a mapping"),
         ("model: {preset: gpt9}\n", r"model\.preset: unknown preset 'gpt9'"),
+        # values out of range, at load, not at the step that divides by them
+        ("packing: {seq_len: 0}\n", r"p\.yaml: packing: seq_len must be > 0, got 0"),
+        ("train: {batch_tokens: 0}\n", r"p\.yaml: train: batch_tokens must be > 0"),
+        ("train: {save_every_steps: 0}\n", r"train: save_every_steps must be > 0"),
+        ("train: {log_every_steps: 0}\n", r"train: log_every_steps must be > 0"),
+        ("train: {micro_batch_size: 0}\n", r"train: micro_batch_size must be > 0"),
+        ("model: {num_heads: 0}\n", r"p\.yaml: model: num_heads must be > 0"),
+        ("model: {num_kv_heads: 0}\n", r"model: num_kv_heads must be > 0"),
+        ("optim: {lr: -1}\n", r"optim: lr must be >= 0, got -1"),
+        ("optim: {beta2: 1.0}\n", r"optim: beta2 must be in \[0, 1\)"),
+        ("schedule: {cosine_min_ratio: 5}\n", r"schedule: cosine_min_ratio must be in \[0, 1\]"),
+        ("eval: {batch_size: 0}\n", r"eval: batch_size must be > 0"),
+        ("guard: {max_events: 0}\n", r"guard: max_events must be > 0"),
+        ("model: {rope_theta: .nan}\n", r"model: rope_theta must be > 0, got nan"),
     ],
 )
 def test_bad_recipe_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:

@@ -158,7 +158,7 @@ def build(cls: type, raw: Any, where: str, path: str) -> Any:
         kwargs[key] = _convert(hints[key], value, where, key_path)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise RecipeError(f"{where}: {path or 'recipe'}: {e}") from None
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lmforge.model.loss import IGNORE_INDEX as IGNORE_INDEX  # where the loss skips a label
+from lmforge.ranges import check_ranges
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +30,9 @@ class PackingConfig:
     document that would fit in a row but not in the rest of the current one starts the next row
     (the rest is padding), so synthetic sequences of T-2 tokens (passkey_N) stay whole; longer
     documents are still cut."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("seq_len",))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.packing import IGNORE_INDEX, PackedBatch
+from lmforge.ranges import check_ranges
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,9 @@ class EvalConfig:
     """Held-out rows: None packs them as training did; true: every document attends only to
     itself (as a model is used); false: packed rows attend across documents. Fixing it compares
     models trained with and without document masking on the same held-out condition."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("max_batches", "batch_size"), non_negative=("every_steps",))
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from lmforge.ranges import check_ranges
+
 AttentionImpl = Literal["auto", "dense", "split", "flex"]
 
 
@@ -35,6 +37,11 @@ class ModelConfig:
     block mask (CUDA; forward-only on CPU), or auto by T and device (model/attention.py)."""
 
     def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            positive=("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "d_ff"),
+        )
+        check_ranges(self, positive=("rope_theta", "norm_eps", "init_std"))
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}"

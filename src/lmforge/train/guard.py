@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lmforge.ranges import check_ranges
+
 GuardAction = Literal["skip_update", "skip_batches", "rewind"]
 
 MIN_RELATIVE_STD = 0.01
@@ -56,6 +58,11 @@ class GuardConfig:
     """Stop the run with an error after this many events: something worse than spikes."""
 
     def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            positive=("rewind_lr_factor", "max_events"),
+            non_negative=("loss_z", "grad_norm_z", "skip_next", "patience"),
+        )
         if self.window < 2 or not 0 < self.min_history <= self.window:
             raise ValueError(
                 f"guard: need window >= 2 and 0 < min_history <= window, got "

@@ -36,6 +36,7 @@ from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
+from lmforge.ranges import check_ranges
 from lmforge.train.guard import GuardConfig, GuardError, SpikeGuard
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.parallelize import (
@@ -112,6 +113,14 @@ class TrainConfig:
     stop_at_step: int | None = None
     """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
     `--resume` continues with the same schedule."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            positive=("max_tokens", "batch_tokens", "micro_batch_size", "save_every_steps"),
+            non_negative=("loss_chunk_tokens", "keep_last"),
+        )
+        check_ranges(self, positive=("log_every_steps", "stop_at_step"))
 
 
 def auto_loss_chunk(vocab_size: int) -> int:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.ranges import check_ranges
+
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
@@ -25,6 +27,10 @@ class OptimConfig:
     for devices without the fused kernel."""
 
     def __post_init__(self) -> None:
+        check_ranges(self, positive=("eps",), non_negative=("lr", "weight_decay", "grad_clip"))
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.implementation not in ("fused", "foreach"):
             raise ValueError(
                 f"optim.implementation must be fused or foreach, got {self.implementation!r}"

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from lmforge.ranges import check_ranges
+
 LRShape = Literal["constant", "cosine", "linear"]
 
 
@@ -25,6 +27,13 @@ class ScheduleConfig:
     """Cosine decays the peak to this fraction of it by the start of the cooldown."""
     final_lr_ratio: float = 0.0
     """The cooldown ends at this fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            non_negative=("warmup_tokens", "cooldown_tokens"),
+            fraction=("cosine_min_ratio", "final_lr_ratio"),
+        )
 
 
 def segment_lr(
