@@ -107,10 +107,16 @@ def test_ablate_verb_prints_the_table(
     from lmforge import ablate
     from lmforge.cli import main
 
-    def fake(spec: object, root: object) -> dict:
+    given = []
+
+    def fake(spec: ablate.AblationSpec, root: object) -> dict:
+        given.append(spec)
         return {"reference": "eos_reset", "variants": {}}
 
     monkeypatch.setattr(ablate, "run_ablation", fake)
     assert main(["ablate", str(write_spec(tmp_path)), "--out", str(tmp_path / "o")]) == 0
     assert "## masking" in capsys.readouterr().out
+    spec = [str(write_spec(tmp_path)), "--out", str(tmp_path / "o")]
+    assert main(["ablate", *spec, "--limit", "20", "--data-dir", "d"]) == 0  # without --tasks
+    assert (given[-1].limit, given[-1].data_dir) == (20, "d")
     assert main(["ablate", str(tmp_path / "missing.yaml")]) == 2

@@ -275,3 +275,25 @@ def test_importing_the_cli_leaves_compiler_and_checkpoint_machinery_unloaded() -
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tasks", "arc_easy", "--by-position", "128"], "--tasks and --by-position are separate"),
+        (["--needle", "--tasks", "piqa"], "--tasks and --needle are separate"),
+        (["--passkey", "--depths", "0,50"], "--depths is an option of --needle"),
+        (["--haystack", "x.txt"], "--haystack is an option of --needle"),
+        (["--limit", "10"], "--limit is an option of --tasks"),
+        (["--num-fewshot", "5", "--needle"], "--num-fewshot is an option of --tasks"),
+        (["--samples", "4"], "--samples is an option of --tasks"),
+    ],
+)
+def test_eval_options_of_another_evaluation_are_refused(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were ignored: `eval --passkey --depths 0,50` without --needle ran perplexity."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -138,7 +138,7 @@ def cmd_serve(recipe: Recipe, args: argparse.Namespace) -> None:
 
 
 def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
-    if args.by_position:
+    if args.by_position is not None:
         out = pipeline.position_stage(recipe, args.by_position, checkpoint=args.checkpoint)
         print(f"loss by position (trained at {out['train_seq_len']} tokens):")
         for b in out["bins"]:
@@ -233,13 +233,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     setup_logging()
     spec = load_spec(args.spec)
+    spec = dataclasses.replace(
+        spec,
+        data_dir=args.data_dir or spec.data_dir,
+        limit=args.limit if args.limit is not None else spec.limit,
+    )
     if args.tasks:
         tasks = tuple(t for t in args.tasks.split(",") if t)
         spec = dataclasses.replace(
             spec,
             tasks=tasks,
-            data_dir=args.data_dir or spec.data_dir,
-            limit=args.limit or spec.limit,
             metrics=(*spec.metrics, *(f"{t}.acc" for t in tasks if f"{t}.acc" not in spec.metrics)),
         )
     out = args.out or str(Path("runs") / f"ablate-{spec.name}")
@@ -468,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.args += extra  # overrides written after an option (`--resume a.b=1`)
+    if args.verb == "eval":
+        _check_eval_flags(parser, args)
     setup_logging()
     try:
         recipe = recipe_from_args(args.verb, args)
@@ -476,6 +481,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_eval_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One evaluation per call, and no option of another one given (it would be ignored)."""
+    modes = [
+        flag
+        for flag, given in (
+            ("--tasks", args.tasks),
+            ("--needle", args.needle is not None),
+            ("--by-position", args.by_position is not None),
+        )
+        if given
+    ]
+    if len(modes) > 1:
+        parser.error(f"eval: {' and '.join(modes)} are separate evaluations; run one at a time")
+    options = {
+        "--needle": (
+            ("--depths", args.depths),
+            ("--passkey", args.passkey),
+            ("--haystack", args.haystack),
+        ),
+        "--tasks": (
+            ("--data-dir", args.data_dir),
+            ("--num-fewshot", args.num_fewshot is not None),
+            ("--limit", args.limit is not None),
+        ),
+    }
+    for mode, flags in options.items():
+        for flag, given in flags:
+            if given and mode not in modes:
+                parser.error(f"eval: {flag} is an option of {mode}, which is not given")
+    if args.samples != 1 and not {"--tasks", "--needle"} & set(modes):
+        parser.error("eval: --samples is an option of --tasks (HumanEval) or --needle")
 
 
 def _run_dir_verb(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list) -> int:
