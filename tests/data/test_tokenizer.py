@@ -153,6 +153,12 @@ def test_max_train_bytes_limits_training_text() -> None:
     texts = iter(["abc " * 10, "xyz " * 10] + ["SHOULD NOT BE READ"] * 100)
     train_tokenizer(texts, TokenizerConfig(vocab_size=300, max_train_bytes=50))
     assert len(list(texts)) == 100
+    # at most max_train_bytes: the last text is cut (at a character boundary)
+    from lmforge.data.tokenizer import _limit_bytes
+
+    assert list(_limit_bytes(["ab", "cdé", "fg"], 5)) == ["ab", "cd"]  # é is 2 bytes
+    assert list(_limit_bytes(["ab", "cdé", "fg"], 6)) == ["ab", "cdé"]
+    assert list(_limit_bytes(["x" * 2000], 1500)) == ["x" * 1500]
 
 
 def test_loads_in_transformers(tokenizer: TextTokenizer, tmp_path: Path) -> None:

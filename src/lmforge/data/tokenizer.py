@@ -281,9 +281,13 @@ def sample_sources(
 
 
 def _limit_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """The texts up to max_bytes of UTF-8 in all, the last one cut at a character boundary."""
     total = 0
     for text in texts:
+        if max_bytes is not None and total + len(data := text.encode("utf-8")) > max_bytes:
+            cut = data[: max_bytes - total].decode("utf-8", errors="ignore")
+            if cut:
+                yield cut
+            return
         yield text
         total += len(text.encode("utf-8"))
-        if max_bytes is not None and total >= max_bytes:
-            return
