@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -74,6 +75,38 @@ def test_paired_variants_share_data_and_resume(
     scored = json.loads((tmp_path / "out" / "ablation.json").read_text())
     assert all(0 <= r["metrics"]["copa.acc"] <= 1 for r in scored["runs"])
     assert scored["variants"]["eos_reset"]["val_loss"] == out["variants"]["eos_reset"]["val_loss"]
+    # scored again, not reused, when how the tasks are scored changes
+    assert (
+        main([*argv, "--tasks", "copa", "--data-dir", str(tmp_path / "tasks"), "--limit", "3"]) == 0
+    )
+    rescored = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert {r["scoring"]["limit"] for r in rescored["runs"]} == {3}
+    # a variant whose recipe changed since it was trained is refused, not passed off as done
+    changed = dict(SPEC["variants"], eos_reset=["packing.document_masking=true", "optim.lr=1e-3"])  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match=r"eos_reset/seed1: trained with another recipe"):
+        run_ablation(load_spec(write_spec(tmp_path, variants=changed)), tmp_path / "out")
+
+
+def test_a_diverged_run_is_summarized_not_a_crash(tmp_path: Path) -> None:
+    from lmforge.ablate import RunResult, markdown, plot, summarize
+
+    spec = load_spec(write_spec(tmp_path))
+    results = [
+        RunResult(variant=v, seed=s, run_dir="", metrics={"val_loss": loss, "english.loss": 2.0})
+        for v, s, loss in (
+            ("eos_reset", 1, 3.0),
+            ("eos_reset", 2, 3.1),
+            ("plain_causal", 1, float("nan")),
+            ("plain_causal", 2, float("inf")),
+        )
+    ]
+    summary = summarize(spec, results)
+    causal = summary["variants"]["plain_causal"]["val_loss"]
+    assert math.isnan(causal["std"]) and math.isnan(causal["diff_vs_eos_reset"]["std"])
+    assert summary["variants"]["eos_reset"]["val_loss"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert "| plain_causal | nan ± nan" in markdown(summary, spec)
+    plot(summary, results, spec, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0
 
 
 def test_bad_specs_are_named(tmp_path: Path) -> None:

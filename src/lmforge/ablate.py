@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import yaml
 
 from lmforge import pipeline
 from lmforge.logs import read_metrics
-from lmforge.recipe import Recipe, RecipeError, build, load_recipe
+from lmforge.recipe import Recipe, RecipeError, build, load_recipe, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ class RunResult:
     metrics: dict[str, float]
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(tokens, held-out loss) at each evaluation."""
+    recipe_sha: str = ""
+    """What was trained (the resolved recipe, run_dir aside): a changed spec is not reused."""
+    scoring: dict[str, Any] = field(default_factory=dict)
+    """How the tasks were scored (tasks, data_dir, limit): changed, they are scored again."""
 
 
 def load_spec(path: str | Path) -> AblationSpec:
@@ -124,9 +129,18 @@ def run_one(spec: AblationSpec, variant: str, seed: int, root: Path) -> RunResul
     run_dir = root / variant / f"seed{seed}"
     done = run_dir / "ablation_result.json"
     previous = RunResult(**json.loads(done.read_text())) if done.is_file() else None
-    if previous is not None and all(m in previous.metrics for m in spec.metrics):
-        return previous
     recipe = run_recipe(spec, variant, seed, run_dir)
+    recipe_sha = _sha(recipe_to_dict(dataclasses.replace(recipe, run_dir="")))
+    scoring = {"tasks": list(spec.tasks), "data_dir": spec.data_dir, "limit": spec.limit}
+    if previous is not None and previous.recipe_sha not in ("", recipe_sha):
+        raise RecipeError(
+            f"{run_dir}: trained with another recipe than the spec now gives for {variant!r}"
+            " (its overrides or base recipe changed); remove that folder to train it again, or"
+            " use another --out"
+        )
+    if previous is not None and all(m in previous.metrics for m in spec.metrics):
+        if not spec.tasks or previous.scoring == scoring:
+            return previous
     if previous is None:
         train(recipe, root)
     flat = flatten(pipeline.eval_stage(recipe))
@@ -141,9 +155,16 @@ def run_one(spec: AblationSpec, variant: str, seed: int, root: Path) -> RunResul
         for r in read_metrics(run_dir / "metrics.jsonl")
         if "val_loss" in r
     ]
-    result = RunResult(variant, seed, str(run_dir), {m: flat[m] for m in spec.metrics}, curve)
-    done.write_text(json.dumps(dataclasses.asdict(result)))
+    measured = {m: flat[m] for m in spec.metrics}
+    result = RunResult(variant, seed, str(run_dir), measured, curve, recipe_sha, scoring)
+    tmp = done.with_name(done.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(result)))
+    tmp.replace(done)
     return result
+
+
+def _sha(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train(recipe: Recipe, root: Path) -> None:
@@ -194,9 +215,12 @@ def summarize(spec: AblationSpec, results: list[RunResult]) -> dict[str, Any]:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
+    std = 0.0
+    if len(values) > 1:  # a diverged run's NaN or inf makes the spread NaN, not a crash
+        std = statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
     return {
         "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": std,
         "min": min(values),
         "max": max(values),
         "n": float(len(values)),
@@ -251,19 +275,25 @@ def plot(summary: dict[str, Any], results: list[RunResult], spec: AblationSpec, 
         curves.plot(tokens, [statistics.fmean(v) for v in values], label=variant)
         curves.fill_between(tokens, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
     curves.set(xlabel="tokens", ylabel="held-out loss", title="held-out loss (band: seeds)")
-    curves.legend()
+    if curves.get_legend_handles_labels()[0]:
+        curves.legend()
     for ax, metric in zip(axes[1:panels], spec.metrics, strict=True):
-        names = list(spec.variants)
-        means = [summary["variants"][v][metric]["mean"] for v in names]
-        stds = [summary["variants"][v][metric]["std"] for v in names]
+        stats = [summary["variants"][v][metric] for v in spec.variants]
+        ok = [math.isfinite(st["mean"]) for st in stats]  # a diverged seed: no bar, a note
+        names = [
+            v if good else f"{v}\n(not finite)" for v, good in zip(spec.variants, ok, strict=True)
+        ]
+        means = [st["mean"] if good else 0.0 for st, good in zip(stats, ok, strict=True)]
+        stds = [st["std"] if math.isfinite(st["std"]) else 0.0 for st in stats]
         ax.bar(names, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
-        for i, v in enumerate(names):
-            seeds = [r.metrics[metric] for r in results if r.variant == v]
+        for i, v in enumerate(spec.variants):
+            seeds = [x for r in results if r.variant == v and math.isfinite(x := r.metrics[metric])]
             ax.scatter([i] * len(seeds), seeds, color="black", s=10, zorder=3)
-        low = min(r.metrics[metric] for r in results)
-        high = max(r.metrics[metric] for r in results)
-        pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
-        ax.set_ylim(low - pad, high + pad)
+        finite = [x for r in results if math.isfinite(x := r.metrics[metric])]
+        if finite:
+            low, high = min(finite), max(finite)
+            pad = (high - low) * 0.5 or abs(high) * 0.01 or 0.01
+            ax.set_ylim(low - pad, high + pad)
         ax.set(title=metric)
     fig.suptitle(spec.name)
     fig.tight_layout()
