@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.cli import main
 from lmforge.export import import_hf
@@ -62,6 +63,11 @@ def test_verbs_run_one_stage_each(tiny_run: Path, capsys: pytest.CaptureFixture[
     assert "### def f(" in capsys.readouterr().out
     assert main(["export", *args, "--out", str(tiny_run / "exported")]) == 0
     assert (tiny_run / "exported" / "config.json").exists()
+    half = tiny_run / "exported-bf16"
+    assert main(["export", *args, "--dtype", "bf16", "--out", str(half)]) == 0
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    weights = load_file(str(half / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
 def test_eval_by_position_writes_the_long_context_curve(

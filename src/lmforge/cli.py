@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--format", choices=["hf", "gguf"], default="hf", help="HF folder or GGUF file"
             )
             p.add_argument(
-                "--dtype", choices=["f32", "f16", "bf16"], default="f16", help="GGUF weights (f16)"
+                "--dtype",
+                choices=["f32", "f16", "bf16"],
+                help="weights (default: f16 for GGUF; the checkpoint's f32 for HF)",
             )
     report_help = RUN_DIR_VERBS["report"][1]
     report = sub.add_parser("report", help=report_help, description=report_help)

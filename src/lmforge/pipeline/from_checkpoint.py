@@ -32,6 +32,8 @@ from lmforge.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+EXPORT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
 
 def eval_stage(recipe: Recipe, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Perplexity and bits per byte on the whole val split of the recipe's shards."""
@@ -221,10 +223,11 @@ def export_stage(
     checkpoint: str | Path | None = None,
     out: str | Path | None = None,
     fmt: str = "hf",
-    dtype: str = "f16",
+    dtype: str | None = None,
 ) -> Path:
     """A checkpoint as a Hugging Face folder (fmt "hf", RUN/hf) or one GGUF file (fmt "gguf",
-    RUN/model-{dtype}.gguf, dtype f32/f16/bf16)."""
+    RUN/model-{dtype}.gguf), weights in dtype f32/f16/bf16 (None: f16 for GGUF, the
+    checkpoint's f32 for HF)."""
     path = find_checkpoint(recipe, checkpoint)
     model, trained = load_trained(path)
     paths = RunPaths(recipe.run_dir)
@@ -232,6 +235,7 @@ def export_stage(
     if fmt == "gguf":
         from lmforge.export_gguf import export_gguf
 
+        dtype = dtype or "f16"
         target = Path(out) if out is not None else paths.root / f"model-{dtype}.gguf"
         return export_gguf(
             model,
@@ -241,6 +245,8 @@ def export_stage(
             context_length=trained.packing.seq_len,
             name=paths.root.name,
         )
+    if dtype is not None:
+        model.to(EXPORT_DTYPES[dtype])
     special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
     target = Path(out) if out is not None else paths.export
     return export_hf(
