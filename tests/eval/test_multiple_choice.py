@@ -164,7 +164,11 @@ def test_an_answer_longer_than_the_context_names_the_task(model: Llama, tmp_path
         encode=char_encode, bos_id=BOS, encode_batch=lambda ts: [char_encode(t) for t in ts]
     )
     cfg = SuiteConfig(tasks=("copa",), data_dir=str(tmp_path), max_length=32)
-    with pytest.raises(ValueError, match=r"copa: a continuation of \d+ tokens exceeds max_length"):
+    too_long = (
+        r"copa: .*validation\.jsonl:1: choice 0 continues for \d+ tokens, more than max_length 32"
+    )
+    with pytest.raises(ValueError, match=too_long):
         run_suite(model, tok, torch.device("cpu"), cfg)  # type: ignore[arg-type]
-    assert run_suite(model, tok, torch.device("cpu"), SuiteConfig(tasks=("copa",),
-        data_dir=str(tmp_path), max_length=128))["tasks"]["copa"]["n"] == 1  # fmt: skip
+    scored = run_suite(model, tok, torch.device("cpu"), SuiteConfig(tasks=("copa",),
+        data_dir=str(tmp_path), max_length=128))["tasks"]["copa"]  # fmt: skip
+    assert (scored["n"], scored["data"]) == (1, [str(tmp_path / "copa" / "validation.jsonl")])

@@ -141,11 +141,15 @@ class LoglikelihoodScorer:
             for c, x in zip(request.contexts, request.continuations, strict=True)
         ]
         groups: dict[tuple[int, ...], list[int]] = {}
+        where = getattr(request, "where", "") or "a request"
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
-                raise ValueError("a choice has no continuation tokens; check the task's targets")
+                raise ValueError(f"{where}: choice {i} has no continuation tokens")
             if len(cont) > self.max_length:
-                raise ValueError(f"a continuation of {len(cont)} tokens exceeds max_length")
+                raise ValueError(
+                    f"{where}: choice {i} continues for {len(cont)} tokens, more than"
+                    f" max_length {self.max_length} (the model's context)"
+                )
             # lm-eval's window: the last max_length + 1 tokens of prefix + continuation
             window = [self.prefix_id, *ctx][-(self.max_length + 1 - len(cont)) :]
             groups.setdefault(tuple(window), []).append(i)

@@ -3,6 +3,7 @@ log-likelihood in lm-eval's formats, HumanEval pass@1 in a sandbox, and the repo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,11 +86,12 @@ def run_suite(
         try:
             scores = scorer.score(task.requests, desc=name)
         except ValueError as e:  # e.g. an answer longer than the model's context
-            raise ValueError(f"{name}: {e} ({cfg.max_length}, the model's context)") from None
+            raise ValueError(f"{name}: {e}") from None
         results[name] = {
             **mc_metrics(task.requests, scores),
             "num_fewshot": task.num_fewshot,
             "n": len(task.requests),
+            "data": sorted({re.sub(r"(:\d+|\[\d+\])$", "", r.where) for r in task.requests}),
         }
     return {"tasks": results, "averages": _averages(results)}
 

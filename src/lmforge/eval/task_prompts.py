@@ -8,7 +8,7 @@ answer" followed by "\n\n".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmforge.eval.task_records import LETTERS, Doc, Kind, TaskFormatError
 
@@ -35,6 +35,8 @@ class Request:
     `ConfigurableTask.process_results`, `completion_len = np.array([float(len(i)) for i in
     choices])` with `choices = self.doc_to_choice(doc)`. For winogrande they are the per-choice
     partial sentences, not the shared continuation."""
+    where: str = field(default="", compare=False)
+    """The record it came from ("file:line", "hf:dataset[i]"), for error messages and results."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,4 +131,5 @@ def build_request(kind: Kind, doc: Doc, where: str, shots: list[Doc], descriptio
         continuations=tuple(TARGET_DELIMITER + a for a in item.answers),
         gold=item.gold,
         choice_texts=item.choice_texts,
+        where=where,
     )
