@@ -69,12 +69,14 @@ class Variant:
     compiled: bool
     attention: str = "auto"  # lmforge ModelConfig.attention (matters for doc masking only)
     loss: str = "full"  # full: cross-entropy over full logits | fused: the trainer's model loss
+    recompute: str = "none"  # lmforge parallel.activation_checkpointing: none | full | every
 
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
         masking = f"doc-{self.attention}" if self.masking == "doc" else self.masking
-        return f"{self.impl}/{masking}/{self.dtype}/{mode}/{self.loss}"
+        extra = "" if self.recompute == "none" else f"/recompute-{self.recompute}"
+        return f"{self.impl}/{masking}/{self.dtype}/{mode}/{self.loss}{extra}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +128,11 @@ def build_model(v: Variant) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     ours = Llama(model_config(v.attention))
     if v.impl == "lmforge":
+        if v.recompute != "none":  # as the trainer applies parallel.activation_checkpointing
+            from lmforge.train.parallelize import ParallelConfig, apply_activation_checkpointing
+
+            cfg = ParallelConfig(activation_checkpointing=v.recompute)  # type: ignore[arg-type]
+            apply_activation_checkpointing(ours, cfg)
         return ours, {}
     if v.impl == "litgpt":
         return build_litgpt(ours)
@@ -430,6 +437,12 @@ def main() -> None:
         help="lmforge ModelConfig.attention for the doc-masked variants, comma-separated: auto,"
         " dense, split",
     )
+    ap.add_argument(
+        "--recompute",
+        default="none",
+        help="lmforge activation checkpointing variants, comma-separated: none, full (every"
+        " block's activations recomputed in the backward), every (every 2nd block)",
+    )
     ap.add_argument("--doc-len", type=float, default=128.0, help="mean packed document length")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the MFU peak")
     ap.add_argument(
@@ -463,6 +476,7 @@ def main() -> None:
     maskings = [m for m in args.masking.split(",") if m]
     losses = [m for m in args.lmforge_loss.split(",") if m]
     attentions = [a for a in args.attention.split(",") if a]
+    recomputes = [r for r in args.recompute.split(",") if r]
     if set(attentions) - {"auto", "dense", "split"}:
         ap.error(f"--attention takes auto, dense, split; got {args.attention}")
     cfg = model_config(attentions[0])
@@ -495,7 +509,8 @@ def main() -> None:
                 for m in maskings if impl == "lmforge" else ["causal"]:
                     for loss in losses if impl == "lmforge" else ["full"]:
                         for att in attentions if m == "doc" else ["auto"]:
-                            group.append(Variant(impl, m, d, compiled, att, loss))
+                            for rc in recomputes if impl == "lmforge" else ["none"]:
+                                group.append(Variant(impl, m, d, compiled, att, loss, rc))
         print(
             f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
             "each, alternating",
@@ -520,7 +535,7 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
                 v.dtype if v.dtype == "fp32" else "bf16-autocast",
                 "compiled" if v.compiled else "eager",
                 ("doc, " if v.masking == "doc" else "causal, ") + attention_kernel(v),
-                v.loss,
+                v.loss if v.recompute == "none" else f"{v.loss}, recompute {v.recompute}",
                 f"{med:.3f}",
                 f"{min(c.times):.3f}",
                 f"{tps[v]:.0f}",
@@ -536,7 +551,7 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
         "precision",
         "mode",
         "masking / attention kernel",
-        "loss",
+        "loss (recompute)",
         "step s (med)",
         "step s (min)",
         "tok/s",
@@ -576,7 +591,7 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
             print(
                 f"ratio lmforge/{name} tok/s  {v.dtype:4s} "
                 f"{'compiled' if v.compiled else 'eager':8s} lmforge {v.masking:6s} {v.loss:5s} "
-                f"loss, attention {v.attention}: {t / tps[ref]:.2f}"
+                f"loss, attention {v.attention}, recompute {v.recompute}: {t / tps[ref]:.2f}"
             )
 
 
