@@ -90,6 +90,10 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path: Path, tokenizer_
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text).ids
     config = json.loads((folder / "config.json").read_text())
     assert config["eos_token_id"] == ours.token_to_id("<|eos|>")
+    assert theirs.model_max_length == config["max_position_embeddings"] == 4096
+    small = ModelConfig(vocab_size=ours.get_vocab_size() - 1, num_layers=1, d_model=8, d_ff=8)
+    with pytest.raises(ValueError, match="more than the model's vocab_size"):
+        export_hf(Llama(small), tmp_path / "small", tokenizer_file, SPECIALS)
 
 
 def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path: Path) -> None:

@@ -148,13 +148,24 @@ def _write_json(path: Path, d: dict[str, Any]) -> None:
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
 
-def _write_tokenizer(folder: Path, tokenizer_file: Path, special_tokens: dict[str, str]) -> None:
+def _write_tokenizer(
+    folder: Path,
+    tokenizer_file: Path,
+    special_tokens: dict[str, str],
+    vocab_size: int,
+    max_length: int,
+) -> None:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json for AutoTokenizer.
 
     With a bos_token, encoding with special tokens prepends it (like Llama tokenizers): the model
     saw BOS at every document start in training, so `tokenizer(text)` gives what it expects.
     """
     tok = Tokenizer.from_file(str(tokenizer_file))
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ValueError(
+            f"{tokenizer_file}: {tok.get_vocab_size(with_added_tokens=True)} tokens, more than"
+            f" the model's vocab_size {vocab_size}: not the tokenizer it was trained with"
+        )
     bos = special_tokens.get("bos_token")
     if bos is not None:
         bos_id = tok.token_to_id(bos)
@@ -166,6 +177,7 @@ def _write_tokenizer(folder: Path, tokenizer_file: Path, special_tokens: dict[st
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
         "add_bos_token": bos is not None,
+        "model_max_length": max_length,  # the trained context (transformers' default: 1e30)
         "chat_template": CHAT_TEMPLATE,  # apply_chat_template renders what data/chat.py does
         **special_tokens,
     }
@@ -194,7 +206,8 @@ def _write_folder(
     _write_json(folder / "generation_config.json", generation)
     save_file(hf_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_file is not None:
-        _write_tokenizer(folder, tokenizer_file, special_tokens)
+        vocab = model.cfg.vocab_size
+        _write_tokenizer(folder, tokenizer_file, special_tokens, vocab, max_position_embeddings)
 
 
 EXPORT_FILES = frozenset(
