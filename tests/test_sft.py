@@ -108,3 +108,7 @@ def test_sft_from_an_hf_folder_and_resume(base: Path, tmp_path: Path) -> None:
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     with pytest.raises(RecipeError, match="train.init_from"):
         pipeline.sft_stage(load_recipe(None, [*TINY_OVERRIDES, f"run_dir={tmp_path / 'x'}"]))
+    stages = "stages=[{name: a, tokens: 2048}, {name: b, tokens: 2048, seq_len: 64}]"
+    longer = load_recipe(None, [*sft_overrides(tmp_path / "y", hf, data, 1), stages])
+    with pytest.raises(RecipeError, match=r"rows of packing.seq_len \(128\).*\[64, 128\]"):
+        pipeline.sft_stage(longer)

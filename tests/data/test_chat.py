@@ -243,6 +243,26 @@ def test_loader_resumes_and_resplits_over_ranks(tokenizer: TextTokenizer, tmp_pa
     assert (whole[:, 0] == tokenizer.bos_id).all()
     assert not torch.equal(whole[: lengths[0]][0], whole[lengths[0] :][0])
     assert IGNORE_INDEX == -100
+    # tokens consumed: what the rows hold, padding left out, the same after a resume
+    real = int((whole != tokenizer.pad_id).sum())
+    assert first.consumed_tokens() != rest.consumed_tokens() == {"sft": [real]}
+    assert real < whole.numel()
+
+
+def test_a_stage_cannot_change_the_length_sft_rows_are_packed_at(
+    tokenizer: TextTokenizer, tmp_path: Path
+) -> None:
+    """The position is a row of the plan packed at one length: another length would skip or
+    repeat conversations, so it is refused once rows were read (the batch size may change)."""
+    data = load_sft_data(
+        SFTConfig(paths=(str(sft_file(tmp_path)),), heldout_fraction=0), tokenizer, 64
+    )
+    loader = SFTLoader(data.train, 32, 2, tokenizer.pad_id, epochs=1)
+    loader.reshape(64, 2)  # before the first row: fine
+    next(iter(loader))
+    loader.reshape(64, 4)
+    with pytest.raises(ValueError, match="packed at seq_len 64; a stage cannot change it to 32"):
+        loader.reshape(32, 4)
 
 
 def test_every_conversation_is_trained_on_once_per_epoch(

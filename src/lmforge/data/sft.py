@@ -174,6 +174,8 @@ class SFTLoader:
         self.epochs, self.seed, self.shuffle, self.pack = epochs, seed, shuffle, pack
         self.rank, self.world_size = rank, world_size
         self._rows = 0
+        self._tokens = 0
+        """Conversation tokens in the rows produced so far (all ranks'), padding left out."""
         self._plans: dict[tuple[int, int], list[list[int]]] = {}
         self._lengths: dict[int, list[int]] = {}
         """Per row length: the rows of each epoch read (whole or in part)."""
@@ -217,16 +219,24 @@ class SFTLoader:
         return self._rows
 
     def reshape(self, seq_len: int, batch_size: int) -> None:
+        """A new micro-batch size at any time; a new seq_len only before the first row: the
+        position is a row of the plan packed at one length, which another length moves."""
+        if seq_len != self.seq_len and self._rows:
+            raise ValueError(
+                f"sft: rows are packed at seq_len {self.seq_len}; a stage cannot change it to"
+                f" {seq_len} after {self._rows} rows"
+            )
         self.seq_len, self.batch_size = seq_len, batch_size
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self._rows}
+        return {"rows": self._rows, "tokens": self._tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rows = int(state["rows"])
+        self._tokens = int(state.get("tokens", self._rows * self.seq_len))  # before: with padding
 
     def consumed_tokens(self) -> dict[str, list[int]]:
-        return {"sft": [self._rows * self.seq_len]}
+        return {"sft": [self._tokens]}
 
     def __iter__(self) -> Iterator[PackedBatch]:
         total = self.total_rows
@@ -235,10 +245,12 @@ class SFTLoader:
             for _ in range(self.batch_size * self.world_size):
                 if self._rows >= total:
                     break
+                epoch, index = self._locate(self._rows)
+                members = self.epoch_rows(epoch)[index]
                 if self._rows % self.world_size == self.rank:
-                    epoch, index = self._locate(self._rows)
-                    members = self.epoch_rows(epoch)[index]
                     rows.append(build_row(self.conversations, members, self.seq_len, self.pad_id))
+                held = sum(len(self.conversations[i].ids) for i in members)
+                self._tokens += min(held, self.seq_len)  # the last token of a full row: a label
                 self._rows += 1
             if not rows:
                 return

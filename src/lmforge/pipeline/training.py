@@ -150,6 +150,12 @@ def sft_stage(recipe: Recipe, resume: bool = False) -> list[dict[str, Any]]:
     base = initial_checkpoint(recipe.train.init_from)
     tokenizer = _adopt_tokenizer(recipe, base, paths)
     recipe = replace(recipe, model=_base_model_config(base))
+    lengths = {s.seq_len for s in recipe.resolved_stages()} if recipe.stages else set()
+    if lengths - {recipe.packing.seq_len}:
+        raise RecipeError(
+            f"stages: sft packs conversations into rows of packing.seq_len"
+            f" ({recipe.packing.seq_len}) for the whole run; stages ask for {sorted(lengths)}"
+        )
     data = load_sft_data(recipe.sft, tokenizer, recipe.packing.seq_len)
     log.info("sft data: %s", json.dumps(data.counts))
     init_distributed(recipe.parallel)
