@@ -43,6 +43,9 @@ def test_concat_joins_neighbours_of_one_source_to_the_length() -> None:
     assert list(first[:31]) == [*a.document(0), 9999]
     assert list(first[31:62]) == [*a.document(1), 9999]
     assert len(concat.document(2)) == 10  # a short source gives what it has
+    # 30 + 1 + 32 = 63 tokens fall short of 64: the next document fills the run
+    tight = ConcatDocuments([Docs([30, 32, 40])], length=64, separator=[9999])
+    assert tight.runs == [(0, 0, 3)] and len(tight.document(0)) == 64
 
 
 def test_passkey_sequences_hide_a_key_and_ask_for_it(prepared_run: Path) -> None:

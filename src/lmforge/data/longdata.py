@@ -108,8 +108,8 @@ class ConcatDocuments:
         self.runs: list[tuple[int, int, int]] = []  # (source, first doc, end doc)
         for s, docs in enumerate(self.sources):
             first, total = 0, 0
-            for i in range(docs.num_docs):
-                total += len(docs.document(i)) + len(self.separator)
+            for i in range(docs.num_docs):  # separators between documents, not after the last
+                total += len(docs.document(i)) + (len(self.separator) if i > first else 0)
                 if total >= length:
                     self.runs.append((s, first, i + 1))
                     first, total = i + 1, 0
