@@ -105,6 +105,9 @@ def test_a_diverged_run_is_summarized_not_a_crash(tmp_path: Path) -> None:
     assert math.isnan(causal["std"]) and math.isnan(causal["diff_vs_eos_reset"]["std"])
     assert summary["variants"]["eos_reset"]["val_loss"]["std"] == pytest.approx(0.0707, abs=1e-4)
     assert "| plain_causal | nan ± nan" in markdown(summary, spec)
+    for order in (results, results[::-1]):  # the same whatever order the seeds come in
+        row = summarize(spec, order)["variants"]["plain_causal"]["val_loss"]
+        assert math.isnan(row["min"]) and math.isnan(row["max"])
     plot(summary, results, spec, tmp_path / "a.png")
     assert (tmp_path / "a.png").stat().st_size > 0
 

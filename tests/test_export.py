@@ -91,6 +91,10 @@ def test_exported_tokenizer_loads_with_auto_tokenizer(tmp_path: Path, tokenizer_
     config = json.loads((folder / "config.json").read_text())
     assert config["eos_token_id"] == ours.token_to_id("<|eos|>")
     assert theirs.model_max_length == config["max_position_embeddings"] == 4096
+    no_eos = {k: v for k, v in SPECIALS.items() if k != "eos_token"}
+    turn = export_hf(tiny_model(), tmp_path / "t", tokenizer_file, no_eos, end_of_turn="<|bos|>")
+    generation = json.loads((turn / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.token_to_id("<|bos|>")]  # no null in the list
     small = ModelConfig(vocab_size=ours.get_vocab_size() - 1, num_layers=1, d_model=8, d_ff=8)
     with pytest.raises(ValueError, match="more than the model's vocab_size"):
         export_hf(Llama(small), tmp_path / "small", tokenizer_file, SPECIALS)

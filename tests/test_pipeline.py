@@ -91,7 +91,10 @@ def test_held_out_packing_is_the_evaluators_choice(
 
 
 def test_a_checkpoint_of_another_run_keeps_its_tokenizer_and_context(
-    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_run: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """generate/export --checkpoint OTHER_RUN/checkpoints/step_* read OTHER_RUN's tokenizer,
     not the recipe's run dir's; generate keeps prompt + new tokens inside the trained context."""
@@ -110,6 +113,11 @@ def test_a_checkpoint_of_another_run_keeps_its_tokenizer_and_context(
         first, prompts, None, cfg
     )
     out = pipeline.export_stage(second, checkpoint=ckpt, out=tmp_path / "hf")
+    monkeypatch.chdir(tiny_run / "checkpoints")  # `--checkpoint step_X` given from there
+    from lmforge.pipeline.training import checkpoint_tokenizer
+
+    relative = checkpoint_tokenizer(second, Path("step_00000002"))
+    assert relative == tiny_run / "tokenizer.json"
     exported = TextTokenizer.load(out / "tokenizer.json").backend.get_vocab()
     assert exported == TextTokenizer.load(tiny_run / "tokenizer.json").backend.get_vocab()
 

@@ -36,7 +36,7 @@ import yaml
 
 from lmforge import pipeline
 from lmforge.logs import read_metrics
-from lmforge.recipe import Recipe, RecipeError, build, load_recipe, recipe_to_dict
+from lmforge.recipe import Recipe, RecipeError, build, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(tokens, held-out loss) at each evaluation."""
     recipe_sha: str = ""
-    """What was trained (the resolved recipe, run_dir aside): a changed spec is not reused."""
+    """What the spec asked to train (base recipe text, overrides, seed): a run whose spec
+    changed since is not reused; a new lmforge version with new defaults is."""
     scoring: dict[str, Any] = field(default_factory=dict)
     """How the tasks were scored (tasks, data_dir, limit): changed, they are scored again."""
 
@@ -130,7 +131,8 @@ def run_one(spec: AblationSpec, variant: str, seed: int, root: Path) -> RunResul
     done = run_dir / "ablation_result.json"
     previous = RunResult(**json.loads(done.read_text())) if done.is_file() else None
     recipe = run_recipe(spec, variant, seed, run_dir)
-    recipe_sha = _sha(recipe_to_dict(dataclasses.replace(recipe, run_dir="")))
+    base = Path(spec.recipe).read_text(encoding="utf-8") if spec.recipe else None
+    recipe_sha = _sha({"base": base, "overrides": [*spec.overrides, *spec.variants[variant]]})
     scoring = {"tasks": list(spec.tasks), "data_dir": spec.data_dir, "limit": spec.limit}
     if previous is not None and previous.recipe_sha not in ("", recipe_sha):
         raise RecipeError(
@@ -215,14 +217,17 @@ def summarize(spec: AblationSpec, results: list[RunResult]) -> dict[str, Any]:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
+    """mean, std, min, max, n; a diverged run's NaN makes them NaN (inf: std NaN), not a crash
+    or an order-dependent min/max."""
     std = 0.0
-    if len(values) > 1:  # a diverged run's NaN or inf makes the spread NaN, not a crash
+    if len(values) > 1:
         std = statistics.stdev(values) if all(map(math.isfinite, values)) else math.nan
+    nan = any(map(math.isnan, values))
     return {
         "mean": statistics.fmean(values),
         "std": std,
-        "min": min(values),
-        "max": max(values),
+        "min": math.nan if nan else min(values),
+        "max": math.nan if nan else max(values),
         "n": float(len(values)),
     }
 

@@ -202,7 +202,8 @@ def _write_folder(
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if end_of_turn is not None and tokenizer_file is not None:  # generate() stops at either
         turn = _special_token_ids(tokenizer_file, {"eos_token": end_of_turn})["eos_token"]
-        generation["eos_token_id"] = [config["eos_token_id"], turn]
+        ends = [config["eos_token_id"], turn]
+        generation["eos_token_id"] = [i for i in ends if i is not None]
     _write_json(folder / "generation_config.json", generation)
     save_file(hf_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer_file is not None:

@@ -55,10 +55,17 @@ class MetricsWriter:
         self.file.flush()
 
     def rewrite_last(self, record: dict[str, Any]) -> None:
-        """Replace the line this writer wrote last (a step's record, completed after the fact)."""
-        if self.last_line_at is None:
-            raise ValueError(f"{self.file.name}: no line written yet to rewrite")
-        self.file.truncate(self.last_line_at)
+        """Replace the file's last line (a step's record, completed after the fact), whether
+        this writer wrote it or found it there."""
+        at = self.last_line_at
+        if at is None:
+            self.file.flush()
+            data = Path(self.file.name).read_bytes().rstrip(b"\n")
+            if not data:
+                raise ValueError(f"{self.file.name}: no line to rewrite")
+            at = data.rfind(b"\n") + 1
+        self.file.truncate(at)
+        self.file.seek(at)  # truncate leaves the position where it was
         self.write(record)
 
     def close(self) -> None:

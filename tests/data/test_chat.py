@@ -115,7 +115,7 @@ def tokenizer(prepared_run: Path) -> TextTokenizer:
 def hf_tokenizer(prepared_run: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
     folder = tmp_path_factory.mktemp("hf_tok")
     special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
-    _write_tokenizer(folder, prepared_run / "tokenizer.json", special)
+    _write_tokenizer(folder, prepared_run / "tokenizer.json", special, 512, 64)
     return AutoTokenizer.from_pretrained(folder)
 
 

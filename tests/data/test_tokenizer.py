@@ -160,6 +160,12 @@ def test_max_train_bytes_limits_training_text() -> None:
     assert list(_limit_bytes(["ab", "cdé", "fg"], 6)) == ["ab", "cdé"]
     assert list(_limit_bytes(["x" * 2000], 1500)) == ["x" * 1500]
 
+    def exactly_four_bytes() -> Iterator[str]:
+        yield from ("ab", "cd")
+        raise AssertionError("a text past max_train_bytes was read")
+
+    assert list(_limit_bytes(exactly_four_bytes(), 4)) == ["ab", "cd"]
+
 
 def test_loads_in_transformers(tokenizer: TextTokenizer, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")

@@ -290,3 +290,24 @@ def test_a_trained_run_dir_is_not_rewritten_by_a_rerun(tiny_run: Path) -> None:
             stage(other)
     assert sorted(p for p in tiny_run.rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_the_last_metrics_line_is_rewritten_by_a_writer_that_did_not_write_it(
+    tmp_path: Path,
+) -> None:
+    """After a rewind the writer is new; the final eval still completes the last step's line."""
+    from lmforge.logs import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsWriter(path)
+    first.write({"step": 1, "loss": 3.0})
+    first.write({"step": 2, "loss": 2.5})
+    first.close()
+    again = MetricsWriter(path)
+    again.rewrite_last({"step": 2, "loss": 2.5, "val_loss": 2.7})
+    again.rewrite_last({"step": 2, "loss": 2.5, "val_loss": 2.6})  # its own line, now
+    again.close()
+    assert read_metrics(path) == [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.5, "val_loss": 2.6},
+    ]

@@ -291,3 +291,5 @@ def _limit_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
             return
         yield text
         total += len(text.encode("utf-8"))
+        if max_bytes is not None and total >= max_bytes:
+            return  # not one text more is read

@@ -36,7 +36,8 @@ class Request:
     choices])` with `choices = self.doc_to_choice(doc)`. For winogrande they are the per-choice
     partial sentences, not the shared continuation."""
     where: str = field(default="", compare=False)
-    """The record it came from ("file:line", "hf:dataset[i]"), for error messages and results."""
+    """The record it came from ("file:line", or "hf_path[config]:split:i" for a hub dataset),
+    for error messages and results."""
 
 
 @dataclass(frozen=True, kw_only=True)

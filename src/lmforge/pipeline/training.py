@@ -394,6 +394,7 @@ def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:
 def checkpoint_tokenizer(recipe: Recipe, checkpoint: Path) -> Path:
     """The tokenizer.json a checkpoint was trained with: its own run dir's (RUN/checkpoints/
     step_*), else the recipe's run dir's (a checkpoint copied elsewhere)."""
+    checkpoint = checkpoint.absolute()  # `--checkpoint step_X` given from RUN/checkpoints
     own = checkpoint.parent.parent / "tokenizer.json"
     if checkpoint.parent.name == "checkpoints" and own.is_file():
         return own

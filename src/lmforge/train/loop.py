@@ -101,8 +101,9 @@ class TrainConfig:
     """Also gather the full weights into model.safetensors on rank 0 at each save; off, only
     the sharded state is written (eval/export read it in one process)."""
     keep_best: bool = False
-    """Also keep the checkpoint with the lowest held-out loss (save on eval steps to score
-    every checkpoint: eval.every_steps = save_every_steps)."""
+    """Also keep the checkpoint with the lowest held-out loss among those scored at the newest
+    scored one's seq_len (save on eval steps to score every checkpoint: eval.every_steps =
+    save_every_steps)."""
     log_every_steps: int = 10
     """Log a line every this many steps (every step goes to metrics.jsonl)."""
     init_from: str | None = None
@@ -112,7 +113,7 @@ class TrainConfig:
     recipe's stages set RoPE base and lengths."""
     stop_at_step: int | None = None
     """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
-    `--resume` continues with the same schedule."""
+    `--resume` continues with the same schedule. None or 0: run to the end."""
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -120,7 +121,7 @@ class TrainConfig:
             positive=("max_tokens", "batch_tokens", "micro_batch_size", "save_every_steps"),
             non_negative=("loss_chunk_tokens", "keep_last"),
         )
-        check_ranges(self, positive=("log_every_steps", "stop_at_step"))
+        check_ranges(self, positive=("log_every_steps",), non_negative=("stop_at_step",))
 
 
 def auto_loss_chunk(vocab_size: int) -> int:
@@ -246,7 +247,7 @@ def train(
                         last.update(evaluate(model, stage.seq_len))  # the end gets its eval
                         if metrics is not None:
                             metrics.rewrite_last(last)
-                        scored = True
+                        scored = "val_loss" in last  # SFT without held-out rows: nothing
                 if step > saved_step or (scored and cfg.keep_best):  # saved again, scored
                     pending = save(last)
                 break
