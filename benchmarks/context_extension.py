@@ -452,7 +452,7 @@ def main() -> None:
     os.environ.setdefault("LMFORGE_NO_PROGRESS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lmforge import pipeline
-    from lmforge.checkpoint import latest_checkpoint
+    from lmforge.checkpoint_dirs import latest_checkpoint
     from lmforge.logs import setup_logging
     from lmforge.recipe import load_recipe
 

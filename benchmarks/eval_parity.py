@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.eval.suite import SuiteConfig, run_suite
 from lmforge.pipeline import load_trained

@@ -50,7 +50,7 @@ from cpu_meter import CpuMeter
 
 import lmforge.export_gguf
 from lmforge import pipeline
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.data.chat import CHAT_TEMPLATE
 from lmforge.data.corpus import iter_builtin
 from lmforge.data.tokenizer import TextTokenizer

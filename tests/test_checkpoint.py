@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from lmforge.checkpoint import (
-    CheckpointError,
     TrainerState,
-    best_checkpoint,
     clear_unfinished,
-    latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     load_newest_good,
     save_checkpoint,
 )
+from lmforge.checkpoint_dirs import CheckpointError, best_checkpoint, latest_checkpoint
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.train.optim import OptimConfig, build_optimizer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import pipeline
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
 from lmforge.generate import GenerateConfig, generate

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.data.chat import IM_END, Message, render, special_id
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.export import import_hf

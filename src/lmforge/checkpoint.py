@@ -5,9 +5,10 @@ A checkpoint is a directory `step_00000100/` holding the model and optimizer sta
 world size), the full model gathered into `model.safetensors` unless `consolidate` is off (what
 eval, generate and export read first; without it they read `state/`), RNG states and
 `trainer.json` (step, tokens, loader state, recipe), plus `MANIFEST.json` with every file's
-size and sha256. Rank 0 writes it under a temporary name and renames it into place once every
-rank has written its shard, so a kill mid-save leaves the previous checkpoint as the latest
-one; a truncated or edited file fails verification with a message naming it.
+size and sha256 (`checkpoint_dirs.py`: which folders are complete, intact, newest, best). Rank
+0 writes it under a temporary name and renames it into place once every rank has written its
+shard, so a kill mid-save leaves the previous checkpoint as the latest one; a truncated or
+edited file fails verification with a message naming it.
 
 Every function here is collective under torchrun: all ranks call it. With one process the
 same code runs without a process group.
@@ -16,10 +17,8 @@ same code runs without a process group.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import warnings
@@ -35,18 +34,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from lmforge.checkpoint_dirs import (
+    FORMAT,
+    STATE,
+    CheckpointError,
+    completed_checkpoints,
+    fsync_dir,
+    prune,
+    verify_checkpoint,
+    write_manifest,
+)
+
 log = logging.getLogger(__name__)
-
-MANIFEST = "MANIFEST.json"
-FORMAT = "lmforge-checkpoint-v2"
-"""v2: model and optimizer state in a DCP folder keyed by parameter name (v1: optimizer.pt)."""
-STATE = "state"
-REQUIRED_FILES = ("trainer.json", "rng.pt", f"{STATE}/.metadata")
-"""In every checkpoint, whatever else it holds (model.safetensors is optional)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupted."""
 
 
 @dataclass
@@ -61,10 +60,6 @@ class TrainerState:
     """The loss-spike guard's history, so a resumed run judges spikes as before."""
     val_seq_len: int | None = None
     """The sequence length val_loss was measured at: losses at other lengths don't compare."""
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
 
 
 def save_checkpoint(
@@ -104,15 +99,15 @@ class PendingCheckpoint:
             self.writing.result()
         _barrier()
         if _rank() == 0:
-            _write_manifest(self.tmp)
+            write_manifest(self.tmp)
             old = self.final.with_name(f".old-{self.final.name}")
             if self.final.exists():  # the same step saved again (a rewind, a resume): moved
                 shutil.rmtree(old, ignore_errors=True)  # aside, not deleted, until replaced
                 self.final.rename(old)
             self.tmp.rename(self.final)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             shutil.rmtree(old, ignore_errors=True)
-            _prune(self.directory, self.keep_last, self.keep_best)
+            prune(self.directory, self.keep_last, self.keep_best)
             log.info("saved checkpoint %s", self.final)
         _barrier()
         return self.final
@@ -209,39 +204,6 @@ def clear_unfinished(directory: Path) -> None:
             log.info("removing %s, a save that did not finish", tmp)
             shutil.rmtree(tmp)
     _barrier()
-
-
-def completed_checkpoints(directory: Path) -> list[Path]:
-    """Checkpoints renamed into place (with a manifest), oldest first."""
-    return sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest completed checkpoint, if any."""
-    done = completed_checkpoints(directory)
-    return done[-1] if done else None
-
-
-def best_checkpoint(directory: Path) -> Path | None:
-    """The completed checkpoint with the lowest held-out loss among those scored at the newest
-    scored one's sequence length (after a context extension, the losses of the shorter stage
-    measured other rows), if any has one."""
-    scored = [(*_val_score(p), p) for p in completed_checkpoints(directory)]
-    scored = [(loss, seq_len, p) for loss, seq_len, p in scored if loss is not None]
-    if not scored:
-        return None
-    newest_len = scored[-1][1]
-    return min((loss, p) for loss, seq_len, p in scored if seq_len == newest_len)[1]
-
-
-def _val_score(path: Path) -> tuple[float | None, int | None]:
-    """(val_loss, val_seq_len) from a checkpoint's trainer.json; None where not recorded."""
-    try:
-        trainer = json.loads((path / "trainer.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None, None
-    loss, seq_len = trainer.get("val_loss"), trainer.get("val_seq_len")
-    return (float(loss) if loss is not None else None), seq_len
 
 
 def load_newest_good(
@@ -366,38 +328,6 @@ def _plain_keys(model: nn.Module) -> list[str]:
     return [k for k in keys if not _is_tied(model, k)]
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Check every file against the manifest; raise CheckpointError naming the first bad one."""
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not manifest_path.exists():
-        raise CheckpointError(f"{manifest_path}: missing; the checkpoint is incomplete")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(m, dict) and {"bytes", "sha256"} <= m.keys() for m in files.values()
-    ):
-        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no files table)")
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise CheckpointError(f"{manifest_path}: does not list {name}; it was edited")
-    for name, meta in files.items():
-        file = path / name
-        if not file.exists():
-            raise CheckpointError(f"{file}: missing from the checkpoint")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise CheckpointError(
-                f"{file}: truncated or changed: {size} bytes, manifest says {meta['bytes']}"
-            )
-        if _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{file}: checksum mismatch; the file is corrupted")
-
-
 def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full fp32 weights on rank 0 (gathered from FSDP shards), {} on other ranks; without the
     tied duplicate of the embedding (safetensors rejects aliases)."""
@@ -466,41 +396,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_manifest(directory: Path) -> None:
-    files = {}
-    for file in sorted(f for f in directory.rglob("*") if f.is_file()):
-        with file.open("rb") as f:
-            os.fsync(f.fileno())
-        name = file.relative_to(directory).as_posix()
-        files[name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
-    manifest = directory / MANIFEST
-    manifest.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1))
-    with manifest.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _prune(directory: Path, keep_last: int, keep_best: bool = False) -> None:
-    done = completed_checkpoints(directory)
-    keep = set(done[-keep_last:]) if keep_last > 0 else set(done)
-    best = best_checkpoint(directory) if keep_best else None
-    for old in done:
-        if old not in keep and old != best:
-            shutil.rmtree(old)

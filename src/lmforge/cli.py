@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__, pipeline
-from lmforge.checkpoint import CheckpointError
+from lmforge.checkpoint_dirs import CheckpointError
 from lmforge.data import overview
 from lmforge.data.shards import ShardError
 from lmforge.data.sources import DataError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge import pipeline
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.recipe import load_recipe
 from tests.conftest import TINY_OVERRIDES
 

@@ -17,12 +17,12 @@ import pytest
 from safetensors.torch import load_file
 
 from lmforge import pipeline
-from lmforge.checkpoint import (
+from lmforge.checkpoint import load_newest_good
+from lmforge.checkpoint_dirs import (
     MANIFEST,
     checkpoint_dir,
     completed_checkpoints,
     latest_checkpoint,
-    load_newest_good,
 )
 from lmforge.logs import read_metrics
 from lmforge.model.llama import Llama

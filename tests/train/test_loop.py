@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge import pipeline
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.logs import read_metrics
 from lmforge.recipe import load_recipe
 from tests.conftest import TINY_OVERRIDES

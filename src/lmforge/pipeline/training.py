@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import checkpoint_dir, latest_checkpoint, load_model_weights, read_recipe
+from lmforge.checkpoint import load_model_weights, read_recipe
+from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint
 from lmforge.data.clean import CleanConfig, clean
 from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
 from lmforge.data.longdata import PASSKEY, derived_sources, passkey_length

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lmforge.checkpoint import completed_checkpoints
+from lmforge.checkpoint_dirs import completed_checkpoints
 from lmforge.recipe import load_recipe
 from lmforge.train.stages import total_steps
 

@@ -25,12 +25,11 @@ import torch
 from lmforge.checkpoint import (
     PendingCheckpoint,
     TrainerState,
-    checkpoint_dir,
     clear_unfinished,
-    latest_checkpoint,
     load_newest_good,
     start_checkpoint,
 )
+from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint
 from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress
