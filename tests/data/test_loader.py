@@ -361,6 +361,14 @@ def test_mixture_stage_switches_the_shares(two_sources: list[MixtureSource]) -> 
     assert mixture_for(
         5, {"a": 1.0, "b": 2.0}, stages=[MixtureStage(from_tokens=5, weights={"a": 3.0})]
     ) == {"a": 3.0, "b": 2.0}
+    # a later switch that leaves a source out keeps what an earlier one set (a recipe stage's
+    # mixture and a data.mixture_stages entry inside it combine, neither undoes the other)
+    two = [
+        MixtureStage(from_tokens=10, weights={"b": 0.5}),
+        MixtureStage(from_tokens=5, weights={"a": 3.0}),
+    ]
+    assert mixture_for(12, {"a": 1.0, "b": 2.0}, two) == {"a": 3.0, "b": 0.5}
+    assert mixture_for(7, {"a": 1.0, "b": 2.0}, two) == {"a": 3.0, "b": 2.0}
 
 
 def test_state_for_other_sources_is_refused(

@@ -164,7 +164,8 @@ class PackedLoader:
         if names != self.names:
             raise ValueError(
                 f"loader state is for sources {names}, this run reads {self.names}; "
-                "resume with the data config the run started with"
+                "resume with the data config the run started with (stages that add sources,"
+                " e.g. derived long-context data, go in a new run with train.init_from)"
             )
         stream: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in state["stream"].items()

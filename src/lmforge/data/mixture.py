@@ -36,7 +36,8 @@ class MixtureStage:
     from_tokens: int
     """Stream position (tokens of documents drawn so far) where these weights take over."""
     weights: dict[str, float] = field(default_factory=dict)
-    """Weight per source name; sources not listed keep their own `weight`."""
+    """Weight per source name; a source not listed keeps the weight in force before (its own
+    `weight` until some stage sets one), as recipe stages' `mixture` does."""
 
     def __post_init__(self) -> None:
         if self.from_tokens < 0 or not all(w >= 0 for w in self.weights.values()):  # NaN too
@@ -64,11 +65,12 @@ class MixtureSource:
 def mixture_for(
     tokens: int, base: Mapping[str, float], stages: Sequence[MixtureStage]
 ) -> dict[str, float]:
-    """The target weights in force at stream position `tokens`: the last stage started wins."""
+    """The target weights in force at stream position `tokens`: each stage started overrides
+    the weights it lists, in order (data.mixture_stages and recipe stages' mixtures combine)."""
     weights = dict(base)
     for stage in sorted(stages, key=lambda s: s.from_tokens):
         if tokens >= stage.from_tokens:
-            weights = {**base, **stage.weights}
+            weights = {**weights, **stage.weights}
     return weights
 
 
