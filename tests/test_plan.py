@@ -126,41 +126,51 @@ def test_grad_accum_times_micro_seq_gpus_is_the_batch(gpus: int) -> None:
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
-@pytest.mark.parametrize("packed", [False, True])
-def test_activation_formula_matches_the_tensors_autograd_saves(kv_heads: int, packed: bool) -> None:
+@pytest.mark.parametrize(("packed", "autocast"), [(False, False), (True, False), (False, True)])
+def test_activation_formula_matches_the_tensors_autograd_saves(
+    kv_heads: int, packed: bool, autocast: bool
+) -> None:
     """Count the bytes autograd keeps for the backward of a tiny bf16 model (parameters aside):
-    per token and block they match (14·d + 4·kv + 4·f + 4·H + 8). Packed rows on CPU run the
-    split kernel, whose per-document outputs are copied once more for o_proj: 2·d more. Outside
-    the blocks: head_bytes_per_token per token and the fused loss's fp32 head gradient, which
-    logit_bytes counts."""
+    per token and block they match (14·d + 4·kv + 4·f + 4·H + 8), 10·d more under autocast with
+    fp32 weights (one process, DDP). Packed rows on CPU run the split kernel, whose per-document
+    outputs are copied once more for o_proj: 2·d more. Outside the blocks: head_bytes_per_token
+    per token and the fused loss's fp32 head gradient, which logit_bytes counts."""
 
     def saved(cfg: ModelConfig, T: int) -> int:
         torch.manual_seed(0)
-        model = Llama(cfg).to(torch.bfloat16)
+        model = Llama(cfg) if autocast else Llama(cfg).to(torch.bfloat16)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        weight_sizes = {p.numel() for p in model.parameters()}  # autocast's bf16 weight casts
         storages: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storage = t.untyped_storage()
+            cast = autocast and storage.nbytes() // t.element_size() in weight_sizes
+            if storage.data_ptr() not in params and not cast:
+                storages[storage.data_ptr()] = storage.nbytes()
             return t
 
         ids = torch.randint(0, cfg.vocab_size, (1, T))
         positions = torch.arange(T).remainder(T // 2).unsqueeze(0) if packed else None
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        ):
             model(ids, positions=positions, labels=ids)
         return sum(storages.values())
 
     shape = dict(vocab_size=64, d_model=256, num_heads=4, num_kv_heads=kv_heads, d_ff=704)
     one, three = ModelConfig(num_layers=1, **shape), ModelConfig(num_layers=3, **shape)  # type: ignore[arg-type]
-    T = 256
+    T = 250  # no activation the size of a weight (autocast's weight casts are told by size)
     measured = (saved(three, T) - saved(one, T)) / 2 / T
     split_copy = 2 * one.d_model if packed else 0
-    assert measured == pytest.approx(activation_bytes_per_token_layer(one) + split_copy, rel=0.01)
+    per_layer = activation_bytes_per_token_layer(one, autocast)
+    assert measured == pytest.approx(per_layer + split_copy, rel=0.01)
     if not packed:  # outside the blocks: per-token tensors and the fused loss's fp32 head grad
-        outside = saved(one, T) - activation_bytes_per_token_layer(one) * T
+        outside = saved(one, T) - per_layer * T
         head_grad = 4 * one.vocab_size * one.d_model
-        assert outside == pytest.approx(head_bytes_per_token(one) * T + head_grad, rel=0.01)
+        counted = 0 if autocast else head_grad  # the head weight's size: left out with the casts
+        assert outside == pytest.approx(head_bytes_per_token(one, autocast) * T + counted, rel=0.01)
         assert logit_bytes(one, T, 0) - LOGIT_BYTES * T * one.vocab_size == head_grad
     assert activation_bytes(three, T) > activation_bytes(three, T, "full")
 

@@ -56,10 +56,16 @@ LOGIT_BYTES = 10
 fp32 softmax / gradient (4)."""
 
 
-def activation_bytes_per_token_layer(cfg: ModelConfig) -> int:
+AUTOCAST_EXTRA_PER_LAYER = 10
+"""Per token and block, ·d bytes more under autocast with fp32 weights (one process, DDP) than
+with bf16 weights (FSDP's param_dtype): both RMSNorm inputs stay fp32 (2·2d), and q/k/v and
+gate/up each save their own bf16 cast of the normed input (2·2d + 2d), measured below."""
+
+
+def activation_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False) -> int:
     """Bytes one block saves for its backward per token, bf16 compute without checkpointing:
     (14·d + 4·kv + 4·f + 4·H + 8), d = d_model, kv = num_kv_heads·head_dim, f = d_ff,
-    H = num_heads.
+    H = num_heads; with `autocast` (fp32 weights, bf16 matmuls) 10·d more.
 
     Counted tensor by tensor (bf16 = 2 bytes unless noted):
       each of the two RMSNorms: its input (2d) and fp32 1/rms (4) → 4d + 8 (model/fused.py
@@ -73,19 +79,21 @@ def activation_bytes_per_token_layer(cfg: ModelConfig) -> int:
     """
     d, f = cfg.d_model, cfg.d_ff
     kv = cfg.num_kv_heads * cfg.head_dim
-    return 14 * d + 4 * kv + 4 * f + 4 * cfg.num_heads + 8
+    extra = AUTOCAST_EXTRA_PER_LAYER * d if autocast else 0
+    return 14 * d + 4 * kv + 4 * f + 4 * cfg.num_heads + 8 + extra
 
 
-def checkpointed_bytes_per_token_layer(cfg: ModelConfig) -> int:
-    """A checkpointed block keeps only its bf16 input: 2·d bytes per token."""
-    return BF16 * cfg.d_model
+def checkpointed_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False) -> int:
+    """A checkpointed block keeps only its input: 2·d bytes per token in bf16, 4·d in fp32
+    (autocast keeps the residual stream fp32)."""
+    return (4 if autocast else BF16) * cfg.d_model
 
 
-def head_bytes_per_token(cfg: ModelConfig) -> int:
+def head_bytes_per_token(cfg: ModelConfig, autocast: bool = False) -> int:
     """Saved outside the blocks: the token ids the embedding's backward keeps (8), the final
-    RMSNorm's input (2·d) and 1/rms (4), and the hidden state's gradient, which the fused loss
-    computes in the forward and keeps for the backward (2·d)."""
-    return 4 * cfg.d_model + 12
+    RMSNorm's input (2·d; 4·d in fp32 under autocast) and 1/rms (4), and the hidden state's
+    gradient, which the fused loss computes in the forward and keeps for the backward (2·d)."""
+    return (6 if autocast else 4) * cfg.d_model + 12
 
 
 def checkpointed_layers(cfg: ModelConfig, mode: Checkpointing, every: int) -> int:
@@ -97,18 +105,24 @@ def checkpointed_layers(cfg: ModelConfig, mode: Checkpointing, every: int) -> in
 
 
 def activation_bytes(
-    cfg: ModelConfig, tokens: int, mode: Checkpointing = "none", every: int = 2
+    cfg: ModelConfig,
+    tokens: int,
+    mode: Checkpointing = "none",
+    every: int = 2,
+    autocast: bool = False,
 ) -> int:
-    """Activations saved for the backward of one micro-batch of `tokens` tokens (per rank).
+    """Activations saved for the backward of one micro-batch of `tokens` tokens (per rank), with
+    bf16 weights (FSDP) or, `autocast`, fp32 weights and bf16 matmuls (one process, DDP).
 
     Without checkpointing: L · A · tokens, A = activation_bytes_per_token_layer. With k blocks
-    checkpointed, those keep 2·d per token instead of A, and the backward recomputes one of them
+    checkpointed, those keep their input instead of A, and the backward recomputes one of them
     at a time, which adds one block's A · tokens at the peak.
     """
-    full, kept = activation_bytes_per_token_layer(cfg), checkpointed_bytes_per_token_layer(cfg)
+    full = activation_bytes_per_token_layer(cfg, autocast)
+    kept = checkpointed_bytes_per_token_layer(cfg, autocast)
     k = checkpointed_layers(cfg, mode, every)
     per_token = (cfg.num_layers - k) * full + k * kept + (full if k else 0)
-    return (per_token + head_bytes_per_token(cfg)) * tokens
+    return (per_token + head_bytes_per_token(cfg, autocast)) * tokens
 
 
 def logit_bytes(cfg: ModelConfig, tokens: int, chunk_tokens: int) -> int:
@@ -280,12 +294,13 @@ def _plan_stage(
         accum, error = None, str(e)
     micro_tokens = stage.micro_batch_size * stage.seq_len
     shards = gpus if strategy == "fsdp" else 1
+    autocast = strategy != "fsdp"  # FSDP casts the weights to bf16; the rest use autocast
     memory = Memory(
         states=state_bytes(cfg, shards),
         gathered=gathered_bytes(cfg, strategy, recipe.parallel.reshard_after_forward),
-        activations=activation_bytes(cfg, micro_tokens, mode, every),
-        activations_none=activation_bytes(cfg, micro_tokens, "none"),
-        activations_full=activation_bytes(cfg, micro_tokens, "full"),
+        activations=activation_bytes(cfg, micro_tokens, mode, every, autocast),
+        activations_none=activation_bytes(cfg, micro_tokens, "none", autocast=autocast),
+        activations_full=activation_bytes(cfg, micro_tokens, "full", autocast=autocast),
         logits=logit_bytes(cfg, micro_tokens, chunk),
     )
     flops_per_token = cfg.flops_per_token(stage.seq_len)
@@ -334,7 +349,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     """Two markdown tables (schedule and compute; memory per GPU), totals and notes."""
     mode: str = plan.checkpointing
     if mode == "every":
-        mode = f"every {plan.checkpoint_every}th block"
+        mode = f"every {plan.checkpoint_every} blocks (0, {plan.checkpoint_every}, ...)"
     split = f"{plan.strategy.upper()} over {plan.gpus}" if plan.gpus > 1 else "one process"
     head = [
         f"plan{f' {title}' if title else ''}: {plan.gpus} × {plan.gpu_name} "
