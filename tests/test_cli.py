@@ -92,7 +92,7 @@ def test_data_inspect_shows_shares_epochs_and_marked_rows(
     assert set(info["sources"]) == {"english", "chinese", "code"}
     assert abs(sum(info["target_share"].values()) - 1) < 1e-9
     planned = info["planned"]
-    assert sum(p["tokens"] for p in planned.values()) >= 200_000  # train.max_tokens
+    assert sum(p["tokens"] for p in planned.values()) == 391 * 512  # whole steps, no more
     for name, p in planned.items():  # natural weights: planned shares follow the targets
         assert abs(p["share"] - info["target_share"][name]) < 0.03, name
         assert p["epochs"] > 5
@@ -103,6 +103,25 @@ def test_data_inspect_shows_shares_epochs_and_marked_rows(
     out = capsys.readouterr().out
     assert "| source | train docs |" in out and "realised share" in out
     assert "packed row 1" in out and "▌<|bos|>" in out
+
+
+def test_data_inspect_lists_a_source_the_mixture_never_draws(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weight-0 source with no train documents has no planned row: a share of 0, not a
+    KeyError."""
+    from lmforge import pipeline
+
+    counts = {"train_docs": 0, "train_tokens": 0, "val_tokens": 9, "dropped": {}}
+    info = {
+        "sources": {"a": {**counts, "train_docs": 5}, "b": counts},
+        "target_share": {"a": 1.0, "b": 0.0},
+        "planned": {"a": {"share": 1.0, "epochs": 2.0}},
+        "rows": [],
+    }
+    monkeypatch.setattr(pipeline, "inspect_stage", lambda *a, **k: info)
+    assert main(["data-inspect", *TINY_OVERRIDES]) == 0
+    assert "| b | 0 | 0 | 9 | - | 0.0000 | 0.0000 | 0.0000 |" in capsys.readouterr().out
 
 
 def test_tokenizer_report_compares_with_a_reference(

@@ -8,6 +8,22 @@ import torch
 from lmforge import perf
 
 
+def test_auto_precision_on_cuda_asks_for_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch says bf16 is supported on a V100 or T4 by emulation; auto must not pick it."""
+    asked: list[dict] = []
+
+    def supported(**kwargs: bool) -> bool:
+        asked.append(kwargs)
+        return not kwargs.get("including_emulation", True)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    perf.bf16_is_fast.cache_clear()
+    try:
+        assert perf.bf16_is_fast("cuda") and asked == [{"including_emulation": False}]
+    finally:
+        perf.bf16_is_fast.cache_clear()
+
+
 @pytest.mark.parametrize(("bf16_speed", "expected"), [(3.0, torch.bfloat16), (0.3, None)])
 def test_auto_precision_follows_the_measured_matmul_speeds(
     monkeypatch: pytest.MonkeyPatch, bf16_speed: float, expected: torch.dtype | None

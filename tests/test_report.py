@@ -249,3 +249,17 @@ def test_a_folder_that_is_not_a_run_is_a_one_line_error(
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.endswith("nowhere: no such directory\n")
     assert not (tmp_path / "report.html").exists()
+
+
+def test_stages_of_metrics_that_begin_after_step_1_start_where_their_first_step_did() -> None:
+    """A run dir copied without its first steps: the first stage's tokens are not from 0."""
+    records = [
+        {"step": 3, "tokens": 1536, "stage": "long"},
+        {"step": 4, "tokens": 2048, "stage": "long"},
+        {"step": 5, "tokens": 3072, "stage": "longer"},
+    ]
+    first, second = report.stage_segments(records)
+    assert (first.start_tokens, first.end_tokens) == (1024, 2048)
+    assert (second.start_tokens, second.end_tokens) == (2048, 3072)
+    assert report.stage_segments(records[:1])[0].start_tokens == 1536  # unknown: from its end
+    assert report.stage_segments([{"step": 1, "tokens": 512}])[0].start_tokens == 0

@@ -75,12 +75,12 @@ def cmd_data_inspect(recipe: Recipe, args: argparse.Namespace) -> None:
     header += ["planned share", "planned epochs"] + (["realised share"] if realised else [])
     rows = []
     for name, counts in info["sources"].items():
-        planned = info["planned"][name]
+        planned = info["planned"].get(name, {"share": 0.0, "epochs": 0.0})  # weight 0, no docs
         dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items()) or "-"
         row = [name, counts["train_docs"], counts["train_tokens"], counts["val_tokens"], dropped]
         row += [info["target_share"][name], planned["share"], planned["epochs"]]
         if realised:
-            row.append(realised[name]["share"])
+            row.append(realised.get(name, {"share": 0.0})["share"])
         rows.append(row)
     print(overview.markdown_table(header, rows))
     total = total_tokens(recipe.resolved_stages())

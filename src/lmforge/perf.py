@@ -38,7 +38,7 @@ def bf16_is_fast(device_type: str) -> bool:
     """Whether bf16 matmuls beat fp32 here: CPUs without native bf16 (no AVX512-BF16 / AMX, e.g.
     a Cascade Lake Xeon: 46 vs 145 GFLOP/s) emulate it at a fraction of the fp32 speed."""
     if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # V100/T4: emulated
     if device_type != "cpu":
         return False
     fp32 = measure_matmul_peak(torch.float32, "cpu", n=512, repeats=4)

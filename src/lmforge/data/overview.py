@@ -29,8 +29,9 @@ def planned_mixture(
         step = stream.draw(state)
         if step is None:
             break
+        before = state.tokens
         d, length, state = step
-        drawn[d.source] += length
+        drawn[d.source] += min(length, tokens - before)  # the run ends inside the last one
     total = sum(drawn) or 1
     out = {}
     for i, s in enumerate(sources):

@@ -191,7 +191,7 @@ def stage_segments(records: list[dict[str, Any]]) -> list[Segment]:
             groups[-1].append(r)
         else:
             groups.append([r])
-    segments, start = [], 0
+    segments, start = [], _first_step_start(records)
     for g in groups:
         first, last = g[0], g[-1]
         segments.append(
@@ -209,6 +209,19 @@ def stage_segments(records: list[dict[str, Any]]) -> list[Segment]:
         )
         start = last.get("tokens", start)
     return segments
+
+
+def _first_step_start(records: list[dict[str, Any]]) -> int:
+    """Tokens before the first record's step: 0 from step 1; for metrics that begin later (a
+    run dir copied without its start) the first step's own batch back from its tokens, when two
+    consecutive records show it."""
+    if not records or records[0].get("step", 1) <= 1:
+        return 0
+    first = records[0]
+    nxt = records[1] if len(records) > 1 else {}
+    if nxt.get("step") == first["step"] + 1 and is_number(first.get("tokens")):
+        return int(2 * first["tokens"] - nxt.get("tokens", first["tokens"]))
+    return int(first.get("tokens", 0))
 
 
 def mixture_intervals(records: list[dict[str, Any]]) -> tuple[list[int], dict[str, list[float]]]:
