@@ -31,6 +31,8 @@ def test_recipe_loads_resolves_and_plans(path: Path) -> None:
     plan = plan_recipe(recipe, gpus=8)
     assert [s.name for s in plan.stages] == [s.name for s in stages]
     json.dumps(plan.to_dict())
+    shares = recipe.tokenizer.source_shares  # train-tokenizer needs one for every source
+    assert not shares or set(shares) == {s.name for s in recipe.data.sources}
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
