@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -271,8 +276,14 @@ def test_interrupted_run_continues_after_its_finished_shards(
     monkeypatch.setattr(
         tokenize_workers, "process_batch", lambda b: processed.append(len(b)) or real_process(b)
     )
-    resumed = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
-    assert resumed == straight
+    # what only the loader reads (weights, epochs) may change between the two runs
+    weighted = tuple(dataclasses.replace(s, weight=2.0, max_epochs=1.0) for s in cfg.sources)
+    resumed = tokenize_corpus(
+        dataclasses.replace(cfg, sources=weighted), tokenizer, tmp_path / "out"
+    )
+    for name, counts in straight["sources"].items():
+        assert resumed["sources"][name]["train"] == counts["train"], name
+        assert resumed["sources"][name]["val"] == counts["val"], name
     assert _shard_bytes(tmp_path / "out") == _shard_bytes(tmp_path / "straight")
     done = progress["read"]["english"] + progress["read"]["chinese"]
     assert sum(processed) == len(ENGLISH + CHINESE + CODE) - done  # finished work not redone
@@ -323,3 +334,48 @@ def test_a_restart_sees_edits_to_local_hf_inputs(tmp_path: Path, tokenizer: Text
         assert _fingerprint(cfg, tokenizer) != before, spec
     hub = DataConfig(sources=(SourceConfig(name="s", path="hf:some/dataset:train"),))
     assert _fingerprint(hub, tokenizer) == _fingerprint(hub, tokenizer)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_worker_processes_end_when_the_tokenize_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the process that started them (pre-emption, OOM killer) used to leave its
+    spawn workers waiting on their queues for good."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from lmforge.data.clean import CleanConfig\n"
+        "from lmforge.data.dedup import DedupConfig\n"
+        "from lmforge.data.tokenize_workers import Workers\n"
+        "from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer\n"
+        "if __name__ == '__main__':\n"
+        "    tok = train_tokenizer(['some text'] * 20, TokenizerConfig(vocab_size=300))\n"
+        "    with Workers(CleanConfig(), DedupConfig(), 0.1, 2, tok) as w:\n"
+        "        list(w.map([(0, ['a b c']), (1, ['d e f'])]))\n"
+        "        print(*w.pool._processes, flush=True)\n"  # type: ignore[union-attr]
+        "        time.sleep(600)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            workers = [int(pid) for pid in parent.stdout.readline().split()]
+            assert len(workers) == 2
+        finally:
+            parent.kill()
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # end them anyway, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers outlived their killed parent: {left}"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -23,7 +23,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -469,7 +469,14 @@ class _Run:
 
 def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
     """Config + tokenizer + every input file's size and mtime (local `hf:` folders too):
-    what a restart must match."""
+    what a restart must match. The worker count and what only the loader reads (weights,
+    max_epochs, mixture stages) leave the shards as they are, so they are left out."""
+    cfg = replace(
+        cfg,
+        workers=0,
+        mixture_stages=(),
+        sources=tuple(replace(s, weight=None, max_epochs=None) for s in cfg.sources),
+    )
     inputs: list[Any] = []
     for s in cfg.sources:
         if s.path.startswith("builtin:"):

@@ -7,8 +7,11 @@ number of workers; at most 2 x workers batches are in flight, which bounds memor
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -64,10 +67,10 @@ class Workers:
                 self.num,
                 mp_context=get_context("spawn"),  # fork would copy tokenizers' thread pool
                 initializer=_init_worker,
-                initargs=(*self.settings, self.tokenizer.backend.to_str()),
+                initargs=(*self.settings, self.tokenizer.backend.to_str(), os.getpid()),
             )
         else:
-            _init_worker(*self.settings, None, self.tokenizer)
+            _init_worker(*self.settings, None, None, self.tokenizer)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,13 +118,26 @@ def _init_worker(
     dedup_cfg: DedupConfig,
     heldout_fraction: float,
     tokenizer_json: str | None,
+    parent: int | None = None,
     tokenizer: TextTokenizer | None = None,
 ) -> None:
+    if parent is not None:
+        _end_with(parent)
     if tokenizer is None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
         assert tokenizer_json is not None
         tokenizer = TextTokenizer(Tokenizer.from_str(tokenizer_json), tokenizer_json)
     _worker.update(clean=clean_cfg, dedup=dedup_cfg, heldout=heldout_fraction, tok=tokenizer)
+
+
+def _end_with(parent: int) -> None:
+    """A worker ends when the tokenize that started it is killed (SIGKILL, pre-emption): it
+    would wait on its queue forever. Linux's parent-death signal; elsewhere nothing."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # it died before the signal was set
+        os._exit(1)
 
 
 def process_batch(batch: list[str]) -> list[ProcessedDoc]:
