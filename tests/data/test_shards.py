@@ -45,6 +45,9 @@ def test_out_of_range_token_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ShardError, match="out of range"):
         write_shard(tmp_path / "a.bin", [[1, 10]], [2], 10, SHA)
     assert not list(tmp_path.iterdir())
+    with pytest.raises(ShardError, match="past 2\\^32"):  # uint32 ids would wrap to 0
+        write_shard(tmp_path / "b.bin", [[2**32]], [2], 2**32 + 1, SHA)
+    assert not list(tmp_path.iterdir())
 
 
 def test_truncated_shard_names_the_file(tmp_path: Path) -> None:

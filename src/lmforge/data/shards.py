@@ -58,7 +58,9 @@ class Shard:
 
 
 def dtype_code(vocab_size: int) -> int:
-    """1 (uint16) when every id fits in 16 bits, else 2 (uint32)."""
+    """1 (uint16) when every id fits in 16 bits, else 2 (uint32); past 32 bits ids would wrap."""
+    if vocab_size > 2**32:
+        raise ShardError(f"vocab_size {vocab_size}: token ids past 2^32 do not fit a shard")
     return 1 if vocab_size <= 2**16 else 2
 
 
