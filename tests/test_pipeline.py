@@ -126,3 +126,24 @@ def test_a_checkpoint_of_another_run_keeps_its_tokenizer_and_context(
     assert "max_new_tokens 1000 cut to 62" in caplog.text  # 64 - (BOS + "x")
     with pytest.raises(ValueError, match="fills the model's trained context of 64 tokens"):
         pipeline.generate_stage(first, ["word " * 80], None, cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ("data.heldout_fraction=0.5", "data.heldout_fraction"),
+        ("data.clean.min_chars=50", "data.clean"),
+        ("data.dedup.near=true", "data.dedup"),
+    ],
+)
+def test_shards_written_with_other_data_settings_are_refused(
+    prepared_run: Path, override: str, setting: str
+) -> None:
+    """A recipe edited after tokenize (held-out share, cleaning, dedup) would train on shards
+    it did not ask for; pretrain and data-inspect say so instead."""
+    tokenizer = TextTokenizer.load(prepared_run / "tokenizer.json")
+    same = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}"])
+    assert mixture_sources(same, prepared_run / "shards", tokenizer)
+    edited = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}", override])
+    with pytest.raises(RecipeError, match=f"written with other {setting}"):
+        mixture_sources(edited, prepared_run / "shards", tokenizer)

@@ -26,7 +26,13 @@ from lmforge.data.mixture import MixtureSource
 from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
 from lmforge.data.sft import SFTLoader, load_sft_data
 from lmforge.data.sources import SourceConfig, read_documents
-from lmforge.data.tokenize import SPLITS, read_manifest, split_of, tokenize_corpus
+from lmforge.data.tokenize import (
+    SPLITS,
+    read_manifest,
+    split_of,
+    stale_settings,
+    tokenize_corpus,
+)
 from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenizer
 from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
 from lmforge.dist import rank, resolve_device, world_size
@@ -300,6 +306,11 @@ def mixture_sources(recipe: Recipe, shards: Path, tokenizer: TextTokenizer) -> l
     its tokens as the stream counts them), and the derived long-context sources a stage names
     (weight 0 until its stage)."""
     found = split_sources(shards, "train", tokenizer.sha256)
+    if stale := stale_settings(read_manifest(shards), recipe.data):
+        raise RecipeError(
+            f"{shards}: written with other data.{', data.'.join(stale)} than the recipe's;"
+            " re-run 'lmforge tokenize' (in a new run_dir if this one holds checkpoints)"
+        )
     configs = {s.name: s for s in recipe.data.sources}
     if set(found) - set(configs):
         raise RecipeError(
