@@ -74,8 +74,8 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)
     """(tokens, held-out loss) at each evaluation."""
     recipe_sha: str = ""
-    """What the spec asked to train (base recipe text, overrides, seed): a run whose spec
-    changed since is not reused; a new lmforge version with new defaults is."""
+    """What the spec asked to train (base recipe text and overrides; the seed is the folder's):
+    a run whose spec changed since is not reused; a new lmforge version with new defaults is."""
     scoring: dict[str, Any] = field(default_factory=dict)
     """How the tasks were scored (tasks, data_dir, limit): changed, they are scored again."""
 
