@@ -460,8 +460,7 @@ class _Run:
             "tokenizer_sha256": self.tokenizer.sha256,
             "vocab_size": self.tokenizer.vocab_size,
             "heldout_fraction": self.cfg.heldout_fraction,
-            "clean": asdict(self.cfg.clean),
-            "dedup": asdict(self.cfg.dedup),
+            **_shaping_settings(self.cfg),
             "sources": sources,
             "splits": splits,
             "shards": splits["train"]["shards"] + splits["val"]["shards"],
@@ -469,16 +468,18 @@ class _Run:
         }
 
 
+def _shaping_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The settings besides sources and tokenizer that decide what the shards hold, as JSON
+    holds them (tuples as lists)."""
+    now = {"clean": asdict(cfg.clean), "dedup": asdict(cfg.dedup)}
+    return dict(json.loads(json.dumps(now, default=list)))
+
+
 def stale_settings(manifest: dict[str, Any], cfg: DataConfig) -> list[str]:
     """The data settings that shaped the shards and differ in `cfg` (a recipe edited after
     tokenize): their shards are not what it asks for. Keys a manifest lacks are not judged."""
-    now = {
-        "heldout_fraction": cfg.heldout_fraction,
-        "clean": asdict(cfg.clean),
-        "dedup": asdict(cfg.dedup),
-    }
-    written = json.loads(json.dumps(now, default=list))  # as the manifest's JSON holds them
-    return [k for k in now if k in manifest and manifest[k] != written[k]]
+    now = {"heldout_fraction": cfg.heldout_fraction, **_shaping_settings(cfg)}
+    return [k for k in now if k in manifest and manifest[k] != now[k]]
 
 
 def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
