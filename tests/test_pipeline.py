@@ -118,6 +118,12 @@ def test_a_checkpoint_of_another_run_keeps_its_tokenizer_and_context(
 
     relative = checkpoint_tokenizer(second, Path("step_00000002"))
     assert relative == tiny_run / "tokenizer.json"
+    from lmforge.assistant import Assistant  # chat and serve find it the same way
+
+    chat = Assistant.load("step_00000002")
+    assert (
+        chat.name == tiny_run.name and chat.tokenizer.sha256 == TextTokenizer.load(relative).sha256
+    )
     exported = TextTokenizer.load(out / "tokenizer.json").backend.get_vocab()
     assert exported == TextTokenizer.load(tiny_run / "tokenizer.json").backend.get_vocab()
 

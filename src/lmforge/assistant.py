@@ -58,8 +58,9 @@ class Assistant:
             path = found
         if (path / "trainer.json").is_file():
             model, recipe = load_trained(path)
-            tokenizer = TextTokenizer.load(path.parent.parent / "tokenizer.json")
-            name, context = path.parent.parent.name, recipe.packing.seq_len
+            run = path.absolute().parent.parent  # RUN/checkpoints/step_* (given relative or not)
+            tokenizer = TextTokenizer.load(run / "tokenizer.json")
+            name, context = run.name, recipe.packing.seq_len
         elif (path / "config.json").is_file():
             model = import_hf(path).float()
             tokenizer = TextTokenizer.load(path / "tokenizer.json")

@@ -30,6 +30,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run dir a checkpoint is in (RUN/checkpoints/step_*, given relative or not), None
+    for one copied elsewhere."""
+    checkpoint = checkpoint.absolute()
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
 def completed_checkpoints(directory: Path) -> list[Path]:
     """Checkpoints renamed into place (with a manifest), oldest first."""
     return sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import load_model_weights, read_recipe
-from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint
+from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint, run_dir_of
 from lmforge.data.clean import CleanConfig, clean
 from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
 from lmforge.data.longdata import PASSKEY, derived_sources, passkey_length
@@ -406,10 +406,9 @@ def find_checkpoint(recipe: Recipe, checkpoint: str | Path | None) -> Path:
 def checkpoint_tokenizer(recipe: Recipe, checkpoint: Path) -> Path:
     """The tokenizer.json a checkpoint was trained with: its own run dir's (RUN/checkpoints/
     step_*), else the recipe's run dir's (a checkpoint copied elsewhere)."""
-    checkpoint = checkpoint.absolute()  # `--checkpoint step_X` given from RUN/checkpoints
-    own = checkpoint.parent.parent / "tokenizer.json"
-    if checkpoint.parent.name == "checkpoints" and own.is_file():
-        return own
+    run = run_dir_of(checkpoint)
+    if run is not None and RunPaths(run).tokenizer.is_file():
+        return RunPaths(run).tokenizer
     return RunPaths(recipe.run_dir).tokenizer
 
 
