@@ -3,7 +3,7 @@
 Stages talk through files in the run directory:
 `tokenizer.json` → `shards/` → `checkpoints/step_*/` + `metrics.jsonl` → `eval.json`, `hf/`.
 training.py holds the stages up to a trained checkpoint, from_checkpoint.py the ones that start
-from one; `run_all` chains them for one recipe.
+from one, data_stages.py the ones that look at the data; `run_all` chains them for one recipe.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from lmforge.dist import world_size
+from lmforge.pipeline.data_stages import inspect_stage, tokenizer_report_stage
 from lmforge.pipeline.from_checkpoint import (
     benchmark_stage,
     eval_stage,
@@ -24,13 +25,11 @@ from lmforge.pipeline.training import (
     RunPaths,
     find_checkpoint,
     initial_checkpoint,
-    inspect_stage,
     load_trained,
     mixture_sources,
     pretrain_stage,
     sft_stage,
     tokenize_stage,
-    tokenizer_report_stage,
     train_tokenizer_stage,
     trained_recipe,
 )

@@ -23,18 +23,14 @@ from lmforge.data.clean import CleanConfig, clean
 from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_split
 from lmforge.data.longdata import PASSKEY, derived_sources, passkey_length
 from lmforge.data.mixture import MixtureSource
-from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
 from lmforge.data.sft import SFTLoader, load_sft_data
-from lmforge.data.sources import SourceConfig, read_documents
+from lmforge.data.sources import read_documents
 from lmforge.data.tokenize import (
-    SPLITS,
     read_manifest,
-    split_of,
     stale_settings,
     tokenize_corpus,
 )
 from lmforge.data.tokenizer import TextTokenizer, sample_sources, train_tokenizer
-from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.eval.perplexity import evaluate_perplexity
 from lmforge.export import import_hf, read_hf_config
@@ -44,7 +40,7 @@ from lmforge.perf import autocast_dtype
 from lmforge.recipe import Recipe, RecipeError, build, recipe_to_dict, save_recipe
 from lmforge.train.loop import BatchSource, train
 from lmforge.train.parallelize import init_distributed, shutdown_distributed
-from lmforge.train.stages import StageConfig, total_tokens, trained_stage
+from lmforge.train.stages import StageConfig, trained_stage
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +78,7 @@ def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
             f"tokenizer.source_shares names {sorted(shares)}; give a share for each of the"
             f" data sources {[s.name for s in sources]}"
         )
-    streams = {s.name: _cleaned(read_documents(s), recipe.data.clean) for s in sources}
+    streams = {s.name: cleaned(read_documents(s), recipe.data.clean) for s in sources}
     texts = sample_sources(streams, shares, recipe.tokenizer.max_train_bytes)
     tokenizer = train_tokenizer(texts, recipe.tokenizer)
     tokenizer.save(paths.tokenizer)
@@ -90,7 +86,7 @@ def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
     return tokenizer
 
 
-def _cleaned(texts: Iterator[str], cfg: CleanConfig) -> Iterator[str]:
+def cleaned(texts: Iterator[str], cfg: CleanConfig) -> Iterator[str]:
     """The documents tokenize would keep, normalized the same way (before dedup)."""
     for text in texts:
         cleaned, reason = clean(text, cfg)
@@ -410,71 +406,3 @@ def checkpoint_tokenizer(recipe: Recipe, checkpoint: Path) -> Path:
     if run is not None and RunPaths(run).tokenizer.is_file():
         return RunPaths(run).tokenizer
     return RunPaths(recipe.run_dir).tokenizer
-
-
-def tokenizer_report_stage(
-    recipe: Recipe, references: list[str], max_bytes_per_source: int = 300_000
-) -> dict[str, Any]:
-    """Compression of the run's tokenizer (and references) on each source's held-out documents.
-
-    Held-out (val-split) documents are text the tokenizer was still trained on, but never text
-    that a reference tokenizer can have memorized less well than ours: the comparison is fair.
-    """
-    paths = RunPaths(recipe.run_dir)
-    ours = TextTokenizer.load(paths.tokenizer)
-    encoders: dict[str, Encoder] = {"lmforge": ours.encode}
-    for ref in references:
-        name, encode = load_reference(ref)
-        encoders[name if name not in encoders else ref] = encode
-    texts = {s.name: _heldout_sample(recipe, s, max_bytes_per_source) for s in recipe.data.sources}
-    return write_report(encoders, texts, paths.root / "tokenizer_report")
-
-
-def _heldout_sample(recipe: Recipe, source: SourceConfig, max_bytes: int) -> list[str]:
-    """Up to max_bytes of the source's val-split documents (its first document if it has none)."""
-    held: list[str] = []
-    first: list[str] = []
-    size = 0
-    for text in _cleaned(read_documents(source), recipe.data.clean):
-        first = first or [text]
-        if split_of(text, recipe.data.heldout_fraction) == "val":
-            held.append(text)
-            size += len(text.encode("utf-8"))
-            if size >= max_bytes:
-                break
-    return held or first
-
-
-def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
-    """Per-source counts from the manifest, target / planned / realised shares, sample rows."""
-    paths = RunPaths(recipe.run_dir)
-    tokenizer = TextTokenizer.load(paths.tokenizer)
-    manifest = read_manifest(paths.shards)
-    sources = mixture_sources(recipe, paths.shards, tokenizer)
-    result: dict[str, Any] = {
-        "sources": {
-            name: {k: m[k] for k in ("read", "dropped")}
-            | {f"{split}_{k}": m[split][k] for split in SPLITS for k in ("docs", "tokens")}
-            for name, m in manifest["sources"].items()
-        },
-        "target_share": target_shares(sources),
-        "planned": planned_mixture(
-            sources, recipe.mixture_stages(), recipe.seed, total_tokens(recipe.resolved_stages())
-        ),
-    }
-    last = latest_checkpoint(paths.checkpoints)
-    if last is not None:
-        trainer = json.loads((last / "trainer.json").read_text())
-        result["realised"] = realised_mixture(trainer["loader"]["consumed"])
-        result["realised_at"] = {"checkpoint": str(last), "tokens": trainer["tokens"]}
-    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    loader = PackedLoader(
-        sources,
-        recipe.packing,
-        num_rows,
-        special,
-        seed=recipe.seed,
-        stages=recipe.mixture_stages(),
-    )
-    result["rows"] = decode_rows(next(iter(loader)), tokenizer, num_rows)
-    return result
