@@ -68,6 +68,19 @@ def test_passkey_sequences_hide_a_key_and_ask_for_it(prepared_run: Path) -> None
     assert max(depths) - min(depths) > 0.3  # the needle moves through the haystack
 
 
+def test_passkey_sets_of_different_lengths_hide_different_keys() -> None:
+    """Two passkey sources in one mixture (passkey_120, passkey_160) must not repeat each
+    other's keys index for index, or the model sees each key twice."""
+
+    def encode(text: str) -> list[int]:  # the answer " 12345." as one token 12345
+        return [int(text.strip(" ."))] if text.strip(" .").isdigit() else [7] * 4
+
+    short = PasskeyDocuments(Docs([3000], base=20_000), 120, encode, 50, seed=0)
+    long = PasskeyDocuments(Docs([3000], base=20_000), 160, encode, 50, seed=0)
+    same = sum(int(short.document(i)[-1]) == int(long.document(i)[-1]) for i in range(50))
+    assert same <= 1
+
+
 def test_passkey_haystacks_start_anywhere_in_the_corpus_not_only_at_document_starts() -> None:
     """Few document starts would make few haystacks, which a small model memorizes instead of
     learning to retrieve (seen: train loss 2 on passkey rows, retrieval at chance)."""
@@ -107,7 +120,8 @@ def test_passkey_haystacks_and_needles_can_follow_sentences() -> None:
             filler = doc[doc >= 20_000]
             first.append(int(filler[0]) % 10 == 0)  # the filler's first token starts a sentence
             at = int(np.flatnonzero(doc == 6)[0])
-            before_needle.append(doc[at - 1] == 5 or int(doc[at - 1]) in ends)
+            at_end = doc[at + 4] == 7  # depth 100%: the test puts it right before the question
+            before_needle.append(doc[at - 1] == 5 or int(doc[at - 1]) in ends or at_end)
         assert sum(first) in follows and sum(before_needle) in follows
 
 

@@ -158,8 +158,9 @@ class PasskeyDocuments:
         (its draw, a row's peek and advance reads, the target mask)."""
 
     def _key(self, index: int) -> tuple[np.random.Generator, int, list[int]]:
-        """Document `index`'s generator (after drawing the key), key and answer tokens."""
-        rng = np.random.default_rng([self.seed, index])
+        """Document `index`'s generator (after drawing the key), key and answer tokens. Seeded
+        by the length too: `passkey_512` and `passkey_1024` in one stage hide different keys."""
+        rng = np.random.default_rng([self.seed, self.length, index])
         key = int(rng.integers(10_000, 100_000))
         return rng, key, self.encode(f" {key}.")
 
