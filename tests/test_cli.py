@@ -144,6 +144,17 @@ def test_tokenizer_report_compares_with_a_reference(
     assert "nope.model" in capsys.readouterr().err
 
 
+def test_tokenizer_report_scores_the_documents_the_shards_hold_out(tiny_run: Path) -> None:
+    """A recipe edited after tokenize (another heldout_fraction) still reports on the shards'
+    held-out documents, not on others the training read."""
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}"]
+    report = tiny_run / "tokenizer_report" / "tokenizer_report.json"
+    assert main(["tokenizer-report", *args]) == 0
+    as_tokenized = json.loads(report.read_text())["rows"]
+    assert main(["tokenizer-report", *args, "data.heldout_fraction=0.5"]) == 0
+    assert json.loads(report.read_text())["rows"] == as_tokenized
+
+
 def test_unknown_recipe_key_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -4,6 +4,7 @@ held-out text (`tokenizer-report`) and the mixture and packed rows (`data-inspec
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from lmforge.checkpoint_dirs import latest_checkpoint
@@ -32,18 +33,32 @@ def tokenizer_report_stage(
     for ref in references:
         name, encode = load_reference(ref)
         encoders[name if name not in encoders else ref] = encode
-    texts = {s.name: _heldout_sample(recipe, s, max_bytes_per_source) for s in recipe.data.sources}
+    fraction = _heldout_fraction(recipe, paths.shards)
+    texts = {
+        s.name: _heldout_sample(recipe, s, fraction, max_bytes_per_source)
+        for s in recipe.data.sources
+    }
     return write_report(encoders, texts, paths.root / "tokenizer_report")
 
 
-def _heldout_sample(recipe: Recipe, source: SourceConfig, max_bytes: int) -> list[str]:
+def _heldout_fraction(recipe: Recipe, shards: Path) -> float:
+    """The fraction the shards were split with, once tokenized (the recipe may have changed
+    since); before, the recipe's, which tokenize will use."""
+    if not (shards / "manifest.json").exists():
+        return recipe.data.heldout_fraction
+    return float(read_manifest(shards).get("heldout_fraction", recipe.data.heldout_fraction))
+
+
+def _heldout_sample(
+    recipe: Recipe, source: SourceConfig, fraction: float, max_bytes: int
+) -> list[str]:
     """Up to max_bytes of the source's val-split documents (its first document if it has none)."""
     held: list[str] = []
     first: list[str] = []
     size = 0
     for text in cleaned(read_documents(source), recipe.data.clean):
         first = first or [text]
-        if split_of(text, recipe.data.heldout_fraction) == "val":
+        if split_of(text, fraction) == "val":
             held.append(text)
             size += len(text.encode("utf-8"))
             if size >= max_bytes:
