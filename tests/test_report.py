@@ -90,6 +90,7 @@ def test_a_run_reads_into_stages_status_and_mixture(runs_root: Path) -> None:
         "loss": None,
         "val_loss": None,
         "finished": False,
+        "data_exhausted": False,
         "events": 1,
     }
     mixture = report.mixture_by_stage(a.metrics)
@@ -222,6 +223,7 @@ def test_missing_and_broken_pieces_become_notes(runs_root: Path, tmp_path: Path)
         "loss": None,
         "val_loss": None,
         "finished": False,
+        "data_exhausted": False,
         "events": 0,
     }
     html = report.render_html(runs)

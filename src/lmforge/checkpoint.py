@@ -60,6 +60,8 @@ class TrainerState:
     """The loss-spike guard's history, so a resumed run judges spikes as before."""
     val_seq_len: int | None = None
     """The sequence length val_loss was measured at: losses at other lengths don't compare."""
+    data_exhausted: bool = False
+    """Training stopped here because the data ran out (before the recipe's last step)."""
 
 
 def save_checkpoint(
@@ -170,6 +172,7 @@ def start_checkpoint(
             "val_loss": state.val_loss,
             "val_seq_len": state.val_seq_len,
             "guard": state.guard,
+            "data_exhausted": state.data_exhausted,
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, ensure_ascii=False))
     return pending
@@ -267,6 +270,7 @@ def load_checkpoint(
         trainer.get("val_loss"),
         trainer.get("guard", {}),
         trainer.get("val_seq_len"),
+        trainer.get("data_exhausted", False),
     )
 
 

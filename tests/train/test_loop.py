@@ -17,6 +17,7 @@ from lmforge import pipeline
 from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.logs import read_metrics
 from lmforge.recipe import load_recipe
+from lmforge.report import read_run, run_status, status_row
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -70,7 +71,10 @@ def test_resume_in_new_process_is_bit_exact(tiny_run: Path, tmp_path: Path) -> N
     split = _sibling_run(tiny_run, tmp_path / "split")
     _cli(tiny_run)  # 16 steps straight through
     _cli(split, "train.stop_at_step=7")  # 7 steps, checkpoint, exit
-    assert latest_checkpoint(split / "checkpoints").name == "step_00000007"  # type: ignore[union-attr]
+    stopped = latest_checkpoint(split / "checkpoints")
+    assert stopped is not None and stopped.name == "step_00000007"
+    assert json.loads((stopped / "trainer.json").read_text())["data_exhausted"] is False
+    assert not run_status(read_run(split))["finished"]
     _cli(split, "--resume")  # the other 9 steps in a new process
     straight = read_metrics(tiny_run / "metrics.jsonl")
     resumed = read_metrics(split / "metrics.jsonl")
@@ -150,6 +154,11 @@ def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path
     assert [r["step"] for r in records if "val_loss" in r] == [len(records)]
     assert read_metrics(tiny_run / "metrics.jsonl") == records
     assert (trainer["val_loss"], trainer["val_seq_len"]) == (records[-1]["val_loss"], 64)
+    # it says the data ran out, and `lmforge runs` calls the run finished for that reason
+    assert trainer["data_exhausted"] is True
+    status = run_status(read_run(tiny_run))
+    assert status["finished"] and status["steps"] < status["planned"]
+    assert "data exhausted" in status_row(status)
 
 
 def test_async_save_writes_the_same_checkpoints(tiny_run: Path, tmp_path: Path) -> None:

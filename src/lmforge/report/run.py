@@ -45,6 +45,8 @@ class RunData:
     """Total steps of the recipe's resolved stages (None: no loadable recipe.yaml)."""
     checkpoints: list[tuple[str, int]] = field(default_factory=list)
     """Completed checkpoints as (folder name, step), oldest first."""
+    data_exhausted: bool = False
+    """The newest checkpoint is where training stopped because the data ran out."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """The parsed JSON_FILES that exist, by their JSON_FILES name."""
     needles: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -80,7 +82,9 @@ def read_run(path: str | Path, name: str | None = None) -> RunData:
     run.events = _read_jsonl(root / "events.jsonl", run.notes)
     _read_recipe(run)
     for ckpt in completed_checkpoints(root / "checkpoints"):
-        run.checkpoints.append((ckpt.name, _checkpoint_step(ckpt)))
+        trainer = _trainer_json(ckpt)
+        run.checkpoints.append((ckpt.name, _checkpoint_step(ckpt, trainer)))
+        run.data_exhausted = bool(trainer.get("data_exhausted"))
     for key, rel in JSON_FILES.items():
         data = _read_json(root / rel, run.notes)
         if data is not None:
@@ -152,10 +156,19 @@ def _read_recipe(run: RunData) -> None:
         run.notes.append(f"recipe.yaml: planned steps unknown ({e})")
 
 
-def _checkpoint_step(ckpt: Path) -> int:
+def _trainer_json(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's trainer.json ({} if unreadable: the report shows what it can)."""
     try:
-        return int(json.loads((ckpt / "trainer.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return trainer if isinstance(trainer, dict) else {}
+
+
+def _checkpoint_step(ckpt: Path, trainer: dict[str, Any]) -> int:
+    try:
+        return int(trainer["step"])
+    except (KeyError, ValueError, TypeError):
         digits = ckpt.name.removeprefix("step_")
         return int(digits) if digits.isdigit() else 0
 
@@ -264,7 +277,8 @@ def mixture_by_stage(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]
 
 def run_status(run: RunData) -> dict[str, Any]:
     """Where a run stands: steps done of planned, last losses, latest checkpoint, events. A run
-    is finished when its checkpoint at the planned last step exists."""
+    is finished when its checkpoint at the planned last step exists, or its newest checkpoint
+    is where the data ran out ("data exhausted")."""
     last = run.metrics[-1] if run.metrics else {}
     ckpt_name, ckpt_step = run.checkpoints[-1] if run.checkpoints else (None, 0)
     vals = [r["val_loss"] for r in run.metrics if "val_loss" in r]
@@ -278,7 +292,9 @@ def run_status(run: RunData) -> dict[str, Any]:
         "checkpoint": ckpt_name,
         "loss": last.get("loss"),
         "val_loss": vals[-1] if vals else None,
-        "finished": run.planned_steps is not None and ckpt_step >= run.planned_steps,
+        "finished": (run.planned_steps is not None and ckpt_step >= run.planned_steps)
+        or run.data_exhausted,
+        "data_exhausted": run.data_exhausted,
         "events": len(run.events),
     }
 
@@ -291,7 +307,8 @@ def status_row(status: dict[str, Any]) -> list[Any]:
     """A run_status as a table row under STATUS_HEADER (steps as done/planned)."""
     planned = "?" if status["planned"] is None else f"{status['planned']:,}"
     keys = ("tokens", "stage", "checkpoint", "loss", "val_loss")
-    done = "yes" if status["finished"] else "no"
+    done = "data exhausted" if status.get("data_exhausted") else "yes"
+    done = done if status["finished"] else "no"
     return [
         status["run"],
         f"{status['steps']:,}/{planned}",

@@ -191,10 +191,11 @@ def train(
     bar = progress(last_step, "pretrain", initial=step, unit="step")
     active: Stage | None = None
     batches: Iterator[PackedBatch] = iter(())
-    saved_step = step
     pending: PendingCheckpoint | None = None
 
-    def save(record: dict[str, Any] | None = None) -> PendingCheckpoint | None:
+    def save(
+        record: dict[str, Any] | None = None, data_exhausted: bool = False
+    ) -> PendingCheckpoint | None:
         """Start a checkpoint (scored by the step's record's val_loss, if it has one). A
         synchronous one is in place when this returns; an asynchronous one is returned, and put
         in place once every rank has written its files."""
@@ -210,6 +211,7 @@ def train(
             val_loss,
             guard.state_dict(),
             val_seq_len,
+            data_exhausted,
         )
         args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
         started = start_checkpoint(*args, consolidate=cfg.save_consolidated)
@@ -240,15 +242,13 @@ def train(
             if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
                 log.warning("data exhausted after step %d (%d tokens): stopping", step, tokens)
                 last = records[-1] if records and records[-1]["step"] == step else None
-                scored = False
                 if evaluate is not None and last is not None and "val_loss" not in last:
                     if last["stage"] == stage.name:  # the model is as it was at that step
                         last.update(evaluate(model, stage.seq_len))  # the end gets its eval
                         if metrics is not None:
                             metrics.rewrite_last(last)
-                        scored = "val_loss" in last  # SFT without held-out rows: nothing
-                if step > saved_step or (scored and cfg.keep_best):  # saved again, scored
-                    pending = save(last)
+                if step > 0:  # saved again if need be: the checkpoint says the data ran out
+                    pending = save(last, data_exhausted=True)
                 break
             loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
             clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
@@ -294,7 +294,6 @@ def train(
                         _truncate_jsonl(run_dir / "metrics.jsonl", step)
                         metrics = MetricsWriter(run_dir / "metrics.jsonl")
                     records = [r for r in records if r["step"] <= step]
-                    saved_step = step
                     bar.n = step
                     bar.refresh()
                     active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
@@ -333,7 +332,6 @@ def train(
                 log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
             if step % cfg.save_every_steps == 0 or step == end_step:
                 pending = save(record)
-                saved_step = step
     except BaseException as e:
         # A checkpoint already written is put in place where every rank stops alike (one
         # process, or the guard's verdict, computed from reduced values): finishing is safe.
