@@ -111,8 +111,45 @@ def test_hf_source_reads_local_files_through_load_dataset(tmp_path: Path) -> Non
     assert _read(f"hf:{tmp_path / 'a.jsonl'}") == ["first", "second 中文"]
     assert _read(f"hf:{tmp_path / 'a.jsonl'}:train") == ["first", "second 中文"]
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(DataError, match=r"b.jsonl:2: missing text field 'text'"):
+    with pytest.raises(DataError, match=r"b.jsonl:2: text field 'text' is null or missing"):
         _read(f"hf:{tmp_path / 'b.jsonl'}")
+
+
+def test_hf_source_that_cannot_parse_a_line_is_a_named_error(tmp_path: Path) -> None:
+    """datasets' own parse error (pyarrow's) names the source and the rows read before it; in
+    skip mode it is handed over (pyarrow parsed the file as one block: no rows are left)."""
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"hf:.*c.jsonl: unreadable after row 0 \(ArrowInvalid"):
+        _read(f"hf:{tmp_path / 'c.jsonl'}")
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=f"hf:{tmp_path / 'c.jsonl'}")
+    with pytest.raises(DataError, match="no documents"):
+        list(read_documents(source, on_error=errors.append))
+    assert len(errors) == 1 and "unreadable after row 0" in str(errors[0])
+
+
+def test_paths_are_read_as_given(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file whose name holds glob characters is that file, not a pattern; a directory names
+    the files it does not read; a .txt loses its BOM as a .jsonl does; a null text is called
+    null, not missing."""
+    _write_jsonl(tmp_path / "corpus[1].jsonl", ["the right file"])
+    _write_jsonl(tmp_path / "corpus1.jsonl", ["the wrong file"])
+    assert _read(tmp_path / "corpus[1].jsonl") == ["the right file"]
+    assert _read(tmp_path / "corpus[1-9].jsonl") == ["the wrong file"]  # a pattern still is
+    data = tmp_path / "dir"
+    data.mkdir()
+    _write_jsonl(data / "a.jsonl", ["read"])
+    (data / "b.json").write_text('[{"text": "not read"}]')
+    (data / "c.ndjson").write_text('{"text": "not read"}\n')
+    (data / ".hidden.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="lmforge.data.sources"):
+        assert _read(data) == ["read"]
+    assert "not reading 2 file(s) of other types (b.json, c.ndjson)" in caplog.text
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
+    assert _read(tmp_path / "bom.txt") == ["Hello"]
+    (tmp_path / "null.jsonl").write_text('{"text": null}\n')
+    with pytest.raises(DataError, match=r"null.jsonl:1: text field 'text' is null or missing"):
+        _read(tmp_path / "null.jsonl")
 
 
 def test_zstd_and_parquet_files(tmp_path: Path) -> None:
@@ -200,9 +237,39 @@ def test_a_100_mb_document_is_refused_by_default(tmp_path: Path) -> None:
         f.write('{"text": "' + "x" * 100_000_000 + '"}\n')
     with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,000 bytes")):
         list(read_documents(SourceConfig(name="t", path=str(path))))
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,013 bytes")):
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: document of 100,000,012 bytes")):
         small = SourceConfig(name="t", path=str(path), max_document_bytes=10_000_000)
         list(read_documents(small))  # a line too big even escaped is refused before parsing
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_an_enormous_line_costs_no_more_memory_than_the_cap(tmp_path: Path, suffix: str) -> None:
+    """A 60 MB line (or a zstd bomb: 60 MB of one byte in a few KB) is refused without being
+    held: at most a few MiB are allocated at once for a 1 MB document limit. The lines after
+    it are read, and a bad byte after it is placed at its true offset."""
+    import tracemalloc
+
+    zstandard = pytest.importorskip("zstandard")
+    body = b'{"text": "' + b"a" * 60_000_000 + b'"}\n{"text": "after"}\n{"text": "b\xff"}\n'
+    pack = {".jsonl": bytes, ".jsonl.gz": lambda b: gzip.compress(b, 1)}
+    pack[".jsonl.zst"] = zstandard.ZstdCompressor().compress
+    path = tmp_path / f"bomb{suffix}"
+    path.write_bytes(pack[suffix](body))
+    errors: list[DataError] = []
+    source = SourceConfig(name="t", path=str(path), max_document_bytes=1_000_000)
+    tracemalloc.start()
+    try:
+        docs = list(read_documents(source, on_error=errors.append))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert docs == ["after"]
+    assert len(errors) == 2
+    assert f"{path}:1: document of 60,000,01" in str(errors[0])  # with or without the newline
+    at = body.index(b"\xff")
+    bad_byte = f"{path}:3: invalid UTF-8 byte 0xff at byte offset {at};"
+    assert bad_byte in str(errors[1])
+    assert peak < 48 * 2**20, f"{peak / 2**20:.0f} MiB allocated at once"
 
 
 def test_json_that_is_valid_but_not_text_is_a_named_error(tmp_path: Path) -> None:

@@ -101,8 +101,9 @@ def _raiser(on_error: ErrorHandler | None) -> ErrorHandler:
 
 
 def resolve_files(path: str) -> list[Path]:
-    """Expand a file, directory (recursive) or glob into a sorted list of readable files."""
-    if any(c in path for c in _GLOB_CHARS):
+    """Expand a file, directory (recursive) or glob into a sorted list of readable files. A
+    path that exists is taken as it is, even with glob characters (`corpus[1].jsonl`)."""
+    if any(c in path for c in _GLOB_CHARS) and not Path(path).exists():
         matches = [Path(p) for p in sorted(glob.glob(path, recursive=True))]
         files = [p for p in matches if p.is_file()]
         if not files:
@@ -110,15 +111,25 @@ def resolve_files(path: str) -> list[Path]:
         return files
     root = Path(path)
     if root.is_dir():
-        files = sorted(
+        visible = sorted(  # hidden files and folders (.ipynb_checkpoints, .git) are not data
             p
             for p in root.rglob("*")
-            if p.is_file()
-            and _suffix(p) is not None
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )  # hidden files and folders (.ipynb_checkpoints, .git) are not data
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        files = [p for p in visible if _suffix(p) is not None]
         if not files:
             raise DataError(f"{path}: no documents (no {', '.join(SUFFIXES)} files in directory)")
+        if skipped := [p for p in visible if _suffix(p) is None]:
+            names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            log.warning(
+                "%s: not reading %d file(s) of other types (%s%s); only %s are read",
+                path,
+                len(skipped),
+                names,
+                more,
+                ", ".join(SUFFIXES),
+            )
         return files
     if not root.exists():
         raise DataError(f"{path}: no such file or directory; check the source path")
@@ -153,20 +164,22 @@ def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[
     suffix = _suffix(path)
     if suffix == ".txt":
         _check_size(path.stat().st_size, source, f"{path}:1")
-        yield _decode(path.read_bytes(), path, line=1, line_offset=0)
+        raw = path.read_bytes()
+        bom = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0  # as for JSON lines
+        yield _decode(raw[bom:], path, line=1, line_offset=bom)
     elif suffix == ".jsonl":
         with open(path, "rb") as f:
-            yield from _read_jsonl(f, path, source, bad)
+            yield from _read_jsonl(_chunks(f), path, source, bad)
     elif suffix == ".jsonl.gz":
         try:
             with gzip.open(path, "rb") as f:
-                yield from _read_jsonl(f, path, source, bad)  # type: ignore[arg-type]
+                yield from _read_jsonl(_chunks(f), path, source, bad)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt gzip file ({e}); re-compress it") from None
     elif suffix == ".jsonl.zst":
         zstandard = _optional("zstandard", path)
         try:
-            yield from _read_jsonl(_zstd_lines(path, zstandard), path, source, bad)
+            yield from _read_jsonl(_zstd_chunks(path, zstandard), path, source, bad)
         except zstandard.ZstdError as e:
             raise DataError(f"{path}: corrupt zstd file ({e}); re-compress it") from None
     elif suffix == ".parquet":
@@ -175,25 +188,63 @@ def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
 
-def _zstd_lines(path: Path, zstandard: Any) -> Iterator[bytes]:
-    """The lines of a zstd file, frame after frame. A file that ends inside a frame is an
-    error: zstandard's stream reader returned the lines it had and stopped without one."""
+CHUNK_BYTES = 1 << 20
+
+
+def _chunks(f: Any) -> Iterator[bytes]:
+    """A binary file's bytes, CHUNK_BYTES at a time."""
+    while chunk := f.read(CHUNK_BYTES):
+        yield chunk
+
+
+ZSTD_INPUT_BYTES = 256
+"""Compressed bytes per decompress call: zstd expands a block of a few bytes to 128 KiB, so
+256 bytes in give at most ~8 MiB out (a decompression bomb cannot take more at once)."""
+
+
+def _zstd_chunks(path: Path, zstandard: Any) -> Iterator[bytes]:
+    """The decompressed bytes of a zstd file, frame after frame. A file that ends inside a frame
+    is an error: zstandard's stream reader returns what it has and stops without one."""
     decompressor = zstandard.ZstdDecompressor()
-    frame, in_frame, pending = decompressor.decompressobj(), False, b""
+    frame, in_frame = decompressor.decompressobj(), False
     with open(path, "rb") as raw:
-        while chunk := raw.read(1 << 20):
-            while chunk:
-                pending += frame.decompress(chunk)
-                in_frame = not frame.eof
-                chunk = frame.unused_data if frame.eof else b""
-                if frame.eof:
-                    frame = decompressor.decompressobj()
-            *lines, pending = pending.split(b"\n")
-            yield from (line + b"\n" for line in lines)
+        while block := raw.read(CHUNK_BYTES):
+            view = memoryview(block)
+            for at in range(0, len(view), ZSTD_INPUT_BYTES):
+                chunk: bytes | memoryview = view[at : at + ZSTD_INPUT_BYTES]
+                while chunk:
+                    yield frame.decompress(chunk)
+                    in_frame = not frame.eof
+                    chunk = frame.unused_data if frame.eof else b""
+                    if frame.eof:
+                        frame = decompressor.decompressobj()
     if in_frame:
         raise DataError(f"{path}: truncated zstd file (it ends inside a frame); re-compress it")
-    if pending:
-        yield pending
+
+
+def _lines(chunks: Iterable[bytes], cap: int) -> Iterator[bytes | int]:
+    """The lines of a byte stream, without their newline; in place of a line of more than `cap`
+    bytes, its length, its bytes dropped as they arrive: one enormous line (or a decompression
+    bomb) costs no more memory than `cap`."""
+    head: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        *complete, rest = chunk.split(b"\n")
+        for part in complete:
+            if size + len(part) > cap:
+                yield size + len(part)
+            else:
+                yield b"".join([*head, part]) if head else part
+            head, size = [], 0
+        size += len(rest)
+        if size <= cap and rest:
+            head.append(rest)
+        elif size > cap:
+            head = []
+    if size > cap:
+        yield size
+    elif head:
+        yield b"".join(head)
 
 
 def _optional(module: str, path: Path) -> Any:
@@ -221,17 +272,23 @@ def _check_size(num_bytes: int, source: SourceConfig, where: str) -> None:
 
 
 def _read_jsonl(
-    f: Iterable[bytes], path: Path, source: SourceConfig, bad: ErrorHandler
+    chunks: Iterable[bytes], path: Path, source: SourceConfig, bad: ErrorHandler
 ) -> Iterator[str]:
     """One JSON object per line; blank lines are skipped; a bad line goes to `bad`."""
     offset = 0
-    for lineno, raw in enumerate(f, start=1):
+    cap = JSON_ESCAPE_GROWTH * source.max_document_bytes
+    for lineno, raw in enumerate(_lines(chunks, cap), start=1):
+        if isinstance(raw, int):  # too big even escaped: its bytes were not kept
+            try:
+                _check_size(raw, source, f"{path}:{lineno}")
+            except DataError as e:
+                bad(e)
+            offset += raw + 1
+            continue
         if lineno == 1 and raw.startswith(UTF8_BOM):  # written by some Windows editors
             raw = raw[len(UTF8_BOM) :]
             offset = len(UTF8_BOM)
         try:
-            if len(raw) > JSON_ESCAPE_GROWTH * source.max_document_bytes:
-                _check_size(len(raw), source, f"{path}:{lineno}")  # too big even escaped
             line = _decode(raw, path, lineno, offset)
             if line.strip():
                 text = _text_of(json_loads(line, path, lineno), path, lineno, source.text_field)
@@ -239,7 +296,7 @@ def _read_jsonl(
                 yield text
         except DataError as e:
             bad(e)
-        offset += len(raw)
+        offset += len(raw) + 1  # and its newline
 
 
 def _read_parquet(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[str]:
@@ -309,6 +366,8 @@ def _text_of(obj: Any, path: Path | str, lineno: int, text_field: str) -> str:
     if not isinstance(obj, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
     if obj.get(text_field) is None:  # datasets fills a column missing from a row with None
+        if text_field in obj:  # (or, from `datasets`, missing from this row)
+            raise DataError(f"{path}:{lineno}: text field {text_field!r} is null or missing")
         keys = ", ".join(sorted(obj)[:10])
         raise DataError(
             f"{path}:{lineno}: missing text field {text_field!r} (keys: {keys})"
@@ -344,8 +403,17 @@ def _read_hf(spec: str, source: SourceConfig, bad: ErrorHandler) -> Iterator[str
             " (or `pip install lmforge[hf]`)"
         ) from None
     name, _, split = spec.rpartition(":") if _has_split(spec) else (spec, "", "")
-    rows = _load_hf(datasets, name, split or "train")
-    for i, row in enumerate(rows, start=1):
+    rows = iter(_load_hf(datasets, name, split or "train"))
+    i = 0
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as e:  # datasets/pyarrow's own parse errors: the rest is unreadable
+            row = None
+            bad(DataError(f"hf:{spec}: unreadable after row {i} ({type(e).__name__}: {e})"))
+        if row is None:
+            break
+        i += 1
         try:
             _check_size(len(str(row.get(source.text_field, "")).encode()), source, f"hf:{spec}:{i}")
             yield _text_of(row, f"hf:{spec}", i, source.text_field)
