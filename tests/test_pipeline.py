@@ -11,6 +11,7 @@ import pytest
 
 from lmforge import pipeline
 from lmforge.data.loader import split_sources, whole_split
+from lmforge.data.sources import DataError
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.generate import GenerateConfig
 from lmforge.pipeline import mixture_sources
@@ -153,3 +154,28 @@ def test_shards_written_with_other_data_settings_are_refused(
     edited = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={prepared_run}", override])
     with pytest.raises(RecipeError, match=f"written with other {setting}"):
         mixture_sources(edited, prepared_run / "shards", tokenizer)
+
+
+def test_skipped_bad_input_is_skipped_by_every_stage_that_reads_sources(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With data.on_error=skip a malformed line lets train-tokenizer and tokenizer-report run
+    (tokenize already recorded and skipped it); without, they stop at file:line."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [f'{{"text": "document {i} has a few words in it."}}' for i in range(40)]
+    corpus.write_text("\n".join([*lines[:20], '{"text": ', *lines[20:]]) + "\n")
+    overrides = [
+        *TINY_OVERRIDES,
+        f"run_dir={tmp_path / 'run'}",
+        f"data.sources=[{{name: web, path: '{corpus}'}}]",
+        "tokenizer.vocab_size=300",
+        "tokenizer.source_shares={}",
+    ]
+    with pytest.raises(DataError, match=r"corpus.jsonl:21: malformed JSON"):
+        pipeline.train_tokenizer_stage(load_recipe(None, overrides))
+    recipe = load_recipe(None, [*overrides, "data.on_error=skip"])
+    with caplog.at_level(logging.WARNING):
+        pipeline.train_tokenizer_stage(recipe)
+    assert "skipped: " in caplog.text and "corpus.jsonl:21: malformed JSON" in caplog.text
+    report = pipeline.tokenizer_report_stage(recipe, [])
+    assert [row["source"] for row in report["rows"]] == ["web"]

@@ -10,11 +10,11 @@ from typing import Any
 from lmforge.checkpoint_dirs import latest_checkpoint
 from lmforge.data.loader import PackedLoader
 from lmforge.data.overview import decode_rows, planned_mixture, realised_mixture, target_shares
-from lmforge.data.sources import SourceConfig, read_documents
+from lmforge.data.sources import SourceConfig
 from lmforge.data.tokenize import SPLITS, read_manifest, split_of
 from lmforge.data.tokenizer import TextTokenizer
 from lmforge.data.tokenizer_report import Encoder, load_reference, write_report
-from lmforge.pipeline.training import RunPaths, cleaned, mixture_sources
+from lmforge.pipeline.training import RunPaths, mixture_sources, source_texts
 from lmforge.recipe import Recipe
 from lmforge.train.stages import total_tokens
 
@@ -56,7 +56,7 @@ def _heldout_sample(
     held: list[str] = []
     first: list[str] = []
     size = 0
-    for text in cleaned(read_documents(source), recipe.data.clean):
+    for text in source_texts(recipe, source):
         first = first or [text]
         if split_of(text, fraction) == "val":
             held.append(text)

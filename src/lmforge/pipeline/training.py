@@ -24,7 +24,7 @@ from lmforge.data.loader import DocumentSet, PackedLoader, split_sources, whole_
 from lmforge.data.longdata import PASSKEY, derived_sources, passkey_length
 from lmforge.data.mixture import MixtureSource
 from lmforge.data.sft import SFTLoader, load_sft_data
-from lmforge.data.sources import read_documents
+from lmforge.data.sources import DataError, SourceConfig, read_documents
 from lmforge.data.tokenize import (
     read_manifest,
     stale_settings,
@@ -78,12 +78,32 @@ def train_tokenizer_stage(recipe: Recipe) -> TextTokenizer:
             f"tokenizer.source_shares names {sorted(shares)}; give a share for each of the"
             f" data sources {[s.name for s in sources]}"
         )
-    streams = {s.name: cleaned(read_documents(s), recipe.data.clean) for s in sources}
+    streams = {s.name: source_texts(recipe, s) for s in sources}
     texts = sample_sources(streams, shares, recipe.tokenizer.max_train_bytes)
     tokenizer = train_tokenizer(texts, recipe.tokenizer)
     tokenizer.save(paths.tokenizer)
     log.info("trained tokenizer: %d tokens → %s", tokenizer.vocab_size, paths.tokenizer)
     return tokenizer
+
+
+def source_texts(recipe: Recipe, source: SourceConfig) -> Iterator[str]:
+    """A source's documents as tokenize reads them: bad inputs skipped (and logged, up to
+    SHOWN_ERRORS) with `data.on_error: skip`, then cleaned."""
+    on_error = None
+    if recipe.data.on_error == "skip":
+        shown = 0
+
+        def on_error(error: DataError) -> None:
+            nonlocal shown
+            shown += 1
+            if shown <= SHOWN_ERRORS:
+                more = "; further bad inputs are not shown" if shown == SHOWN_ERRORS else ""
+                log.warning("skipped: %s%s", error, more)
+
+    return cleaned(read_documents(source, on_error=on_error), recipe.data.clean)
+
+
+SHOWN_ERRORS = 5
 
 
 def cleaned(texts: Iterator[str], cfg: CleanConfig) -> Iterator[str]:
