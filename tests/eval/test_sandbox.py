@@ -158,6 +158,31 @@ def test_writes_outside_the_working_directory_are_refused(tmp_path: Path, how: s
     assert not target.exists()
 
 
+@pytest.mark.parametrize("path", ["/dev/stdout", "/dev/stderr", "/dev/fd/1", "/proc/self/fd/2"])
+def test_a_program_may_print_through_its_own_stream_paths(path: str) -> None:
+    """/dev/stdout resolves to the sandbox's capture file outside the working dir; writing
+    to it is printing, not escaping (a correct program failed with PermissionError)."""
+    result = run(f"open({path!r}, 'w').write('said so')\n")
+    assert result.status == "passed", result.stderr
+    assert "said so" in (result.stdout if "1" in path or "out" in path else result.stderr)
+
+
+def test_a_working_dir_nested_past_the_recursion_limit_is_removed(tmp_path: Path) -> None:
+    """shutil.rmtree and os.walk recurse: 3,000 nested folders raised RecursionError out of
+    the sandbox's cleanup and ended the whole HumanEval run."""
+    root = tmp_path / "work"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        inner = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    sandbox._remove_tree(root)
+    assert not root.exists()
+
+
 @pytest.mark.parametrize(
     "damage",
     [

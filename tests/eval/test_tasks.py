@@ -245,6 +245,18 @@ def test_unknown_fields_name_the_file_and_line(tmp_path: Path) -> None:
         load_task("nope")
 
 
+def test_task_files_split_at_newlines_only_and_name_bad_bytes(tmp_path: Path) -> None:
+    """A raw U+2028 inside a JSON string is valid JSON, not a line break; a byte that is not
+    UTF-8 is named by file and line."""
+    record = {"goal": "a\u2028b", "sol1": "x", "sol2": "y", "label": 0}
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n" + json.dumps(record) + "\n")
+    assert len(load_task("piqa", path).requests) == 2
+    path.write_bytes(path.read_bytes() + b'{"goal": "caf\xe9"}\n')
+    with pytest.raises(TaskFormatError, match=r"p\.jsonl:3: not valid JSON \('utf-8' codec"):
+        load_task("piqa", path)
+
+
 def test_few_shot_without_pool_is_a_clear_error() -> None:
     with pytest.raises(TaskFormatError, match="'train' split"):
         load_task("piqa", _folder("piqa"), num_fewshot=2)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,10 +84,11 @@ def _packaged_problems() -> Path:
     return path
 
 
-def _open_text(path: Path) -> IO[str]:
+def _open_binary(path: Path) -> IO[bytes]:
+    """Lines as bytes: json_lines decodes each, so a bad byte is named by its line."""
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]  # a binary file object
+    return path.open("rb")
 
 
 def load_problems(path: str | Path | None = None) -> list[Problem]:
@@ -98,17 +100,21 @@ def load_problems(path: str | Path | None = None) -> list[Problem]:
     path = _packaged_problems() if path is None else Path(path)
     problems: list[Problem] = []
     seen: dict[str, int] = {}  # task_id: line
-    with _open_text(path) as f:
-        for line_no, record in json_lines(f, path):
-            missing = [key for key in _FIELDS if not isinstance(record.get(key), str)]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: missing string field(s) {', '.join(missing)}")
-            problem = Problem(**{key: record[key] for key in _FIELDS})
-            if problem.task_id in seen:
-                task, first = problem.task_id, seen[problem.task_id]
-                raise ValueError(f"{path}:{line_no}: task_id {task!r} repeats line {first}")
-            seen[problem.task_id] = line_no
-            problems.append(problem)
+    with _open_binary(path) as f:
+        try:
+            for line_no, record in json_lines(f, path):
+                missing = [key for key in _FIELDS if not isinstance(record.get(key), str)]
+                if missing:
+                    fields = ", ".join(missing)
+                    raise ValueError(f"{path}:{line_no}: missing string field(s) {fields}")
+                problem = Problem(**{key: record[key] for key in _FIELDS})
+                if problem.task_id in seen:
+                    task, first = problem.task_id, seen[problem.task_id]
+                    raise ValueError(f"{path}:{line_no}: task_id {task!r} repeats line {first}")
+                seen[problem.task_id] = line_no
+                problems.append(problem)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt gzip file ({e})") from None
     if not problems:
         raise ValueError(f"{path}: no problems in the file")
     return problems

@@ -243,13 +243,19 @@ def _head(file: IO[bytes], limit: int) -> str:
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove the working directory even if the program took away its own permissions."""
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists():
-        for root, dirs, _ in os.walk(path):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), 0o700)
+    """Remove the working directory even if the program took away its own permissions or
+    nested folders deeper than Python's recursion limit (rmtree and os.walk recurse); a
+    directory that stays is a warning, never an error that ends the evaluation."""
+    try:
         shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            for root, dirs, _ in os.walk(path):
+                for name in dirs:
+                    os.chmod(os.path.join(root, name), 0o700)
+            shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["chmod", "-R", "u+rwx", str(path)], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(path)], capture_output=True, check=False)
     if path.exists():
         log.warning("%s: could not remove the sandbox's working directory", path)
 

@@ -189,6 +189,14 @@ _PATH_WRITERS = {
 """os functions that change the file system, and how many leading arguments are paths."""
 
 
+_STD_STREAMS = frozenset(
+    f"{prefix}{name}"
+    for prefix in ("/dev/", "/dev/fd/", "/proc/self/fd/")
+    for name in (("stdout", "stderr") if prefix == "/dev/" else ("1", "2"))
+)
+"""Paths of the program's stdout and stderr, which a test may open to print (check() did)."""
+
+
 def _guard_writes(workdir: str) -> None:
     """Python-level writes outside workdir raise PermissionError (defense in depth, no more)."""
     import builtins
@@ -200,6 +208,8 @@ def _guard_writes(workdir: str) -> None:
         if isinstance(path, int):
             return  # an open descriptor: judged when it was opened
         name = os.fsdecode(path)
+        if dir_fd is None and os.path.normpath(name) in _STD_STREAMS:
+            return  # the program's own stdout/stderr (files outside workdir, by their path)
         base = os.getcwd() if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}")
         real = os.path.realpath(os.path.join(base, name))
         if real != os.devnull and os.path.commonpath([root, real]) != root:

@@ -34,13 +34,17 @@ class TaskFormatError(ValueError):
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Doc]]:
-    with path.open(encoding="utf-8") as f:
-        text = f.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        records = json.loads(text)
+    """JSON lines, split at newlines only (U+2028 may stand raw inside a JSON string), or a
+    .json array of records."""
+    data = path.read_bytes()
+    if path.suffix == ".json" and data.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
+        try:
+            records = json.loads(data)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+            raise TaskFormatError(f"{path}: not a valid JSON array ({e})") from None
         yield from ((f"{path}:[{i}]", r) for i, r in enumerate(records))
         return
-    for i, record in json_lines(text.splitlines(), path, TaskFormatError):
+    for i, record in json_lines(data.split(b"\n"), path, TaskFormatError):
         yield f"{path}:{i}", record
 
 
