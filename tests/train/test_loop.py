@@ -129,19 +129,21 @@ def test_compiled_training_matches_eager(tiny_run: Path, tmp_path: Path) -> None
     assert abs(eager[-1]["val_loss"] - compiled[-1]["val_loss"]) < 1e-4 * eager[-1]["val_loss"]
 
 
-def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path) -> None:
+def test_mixture_weights_and_max_epochs_shape_what_training_reads(
+    tiny_run: Path, tmp_path: Path
+) -> None:
     sources = ", ".join(
         f"{{name: {name}, path: 'builtin:{name}', max_bytes: 20000, weight: {w}, max_epochs: 0.2}}"
         for name, w in (("english", 1), ("chinese", 0), ("code", 1))
     )
-    records = _pretrain_in_process(
-        tiny_run,
+    args = [
         f"data.sources=[{sources}]",
         "train.log_every_steps=1",
         "train.max_tokens=16384",
         "eval.every_steps=1000",  # only at the end, which the data decides
         "train.keep_best=true",
-    )
+    ]
+    records = _pretrain_in_process(tiny_run, *args)
     assert 0 < len(records) < 32  # a fifth of two small sources runs out before 16,384 tokens
     seen = records[-1]["tokens_by_source"]
     assert seen["chinese"] == 0 and seen["english"] > 0 and seen["code"] > 0
@@ -150,6 +152,8 @@ def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path
     trainer = json.loads((last / "trainer.json").read_text())
     consumed = trainer["loader"]["consumed"]
     assert [len(v) for v in consumed.values()] == [1, 0, 1]  # nobody reached a second epoch
+    # the rows left over (less than a batch) are not trained on, nor counted as read
+    assert trainer["loader"]["rows"] * 64 == trainer["tokens"] == records[-1]["tokens"]
     # the step the data ended at is evaluated, logged once, and scores its checkpoint
     assert [r["step"] for r in records if "val_loss" in r] == [len(records)]
     assert read_metrics(tiny_run / "metrics.jsonl") == records
@@ -159,6 +163,18 @@ def test_mixture_weights_and_max_epochs_shape_what_training_reads(tiny_run: Path
     status = run_status(read_run(tiny_run))
     assert status["finished"] and status["steps"] < status["planned"]
     assert "data exhausted" in status_row(status)
+    # stopped at that last step, then resumed: the end is evaluated and scored all the same
+    split = _sibling_run(tiny_run, tmp_path / "split")
+    _pretrain_in_process(split, *args, f"train.stop_at_step={len(records)}")
+    recipe = load_recipe(None, [*TINY_OVERRIDES, f"run_dir={split}", *args])
+    assert pipeline.pretrain_stage(recipe, resume=True) == []
+    keys = ("step", "tokens", "loss", "val_loss")
+    resumed = read_metrics(split / "metrics.jsonl")
+    assert [[r.get(k) for k in keys] for r in resumed] == [
+        [r.get(k) for k in keys] for r in records
+    ]
+    again = json.loads((latest_checkpoint(split / "checkpoints") / "trainer.json").read_text())  # type: ignore[operator]
+    assert again["val_loss"] == trainer["val_loss"] and again["data_exhausted"]
 
 
 def test_async_save_writes_the_same_checkpoints(tiny_run: Path, tmp_path: Path) -> None:

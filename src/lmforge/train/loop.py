@@ -32,7 +32,7 @@ from lmforge.checkpoint import (
 from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint
 from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
-from lmforge.logs import MetricsWriter, progress
+from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
 from lmforge.ranges import check_ranges
@@ -235,13 +235,19 @@ def train(
                 pending = None  # next save (a kill until then would lose it)
             t0 = time.perf_counter()
             lr = stage.lr_at(tokens) * guard.lr_scale
-            rows_before = loader.rows
+            rows_before, loader_before = loader.rows, loader.state_dict()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = list(itertools.islice(batches, accum))
-            if all_reduce_sum(float(len(micro) < accum), device):  # data used up (on any rank):
+            short = len(micro) < accum or sum(len(b.input_ids) for b in micro) < accum * (
+                stage.micro_batch_size
+            )
+            if all_reduce_sum(float(short), device):  # data used up (on any rank): a part of a
+                # batch is not trained on (its step would count a whole batch_tokens); the
+                # checkpoint's loader stands where the last step left it
+                loader.load_state_dict(loader_before)
                 log.warning("data exhausted after step %d (%d tokens): stopping", step, tokens)
-                last = records[-1] if records and records[-1]["step"] == step else None
+                last = _record_of(step, records, run_dir / "metrics.jsonl")
                 if evaluate is not None and last is not None and "val_loss" not in last:
                     if last["stage"] == stage.name:  # the model is as it was at that step
                         last.update(evaluate(model, stage.seq_len))  # the end gets its eval
@@ -378,6 +384,18 @@ def _restore(
     guard.load_state_dict(state.guard)
     log.info("resumed from %s at step %d (%d tokens)", last, state.step, state.tokens)
     return state.step, state.tokens
+
+
+def _record_of(step: int, records: list[dict[str, Any]], path: Path) -> dict[str, Any] | None:
+    """The metrics record of `step`: this call's, or (a run resumed at the step where its
+    data ends) the file's last line, which resuming truncated to that step; None if the step
+    was not logged."""
+    if records:
+        return records[-1] if records[-1]["step"] == step else None
+    if step == 0 or not path.exists():
+        return None
+    logged = read_metrics(path)
+    return logged[-1] if logged and logged[-1]["step"] == step else None
 
 
 def _accumulate_gradients(
