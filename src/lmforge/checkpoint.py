@@ -210,14 +210,18 @@ def clear_unfinished(directory: Path) -> None:
 
 
 def load_newest_good(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    candidates: list[Path] | None = None,
 ) -> tuple[Path, TrainerState]:
-    """Resume from the newest checkpoint that verifies; a corrupted one is reported and the
-    previous one is tried, so one bad save never ends a run. The corrupted ones passed over are
-    renamed `corrupt-step_*`: kept for a look, but no longer the newest, which pruning would
-    keep in place of the run's new checkpoints and eval would read."""
+    """Resume from the newest checkpoint (of `candidates`, default all) that verifies; a
+    corrupted one is reported and the previous one is tried, so one bad save never ends a run.
+    The corrupted ones passed over are renamed `corrupt-step_*`: kept for a look, but no longer
+    the newest, which pruning would keep in place of the run's new checkpoints and eval would
+    read."""
     errors, bad = [], []
-    for path in reversed(completed_checkpoints(directory)):
+    for path in reversed(completed_checkpoints(directory) if candidates is None else candidates):
         try:
             state = load_checkpoint(path, model, optimizer)
         except CheckpointError as e:

@@ -42,6 +42,11 @@ def completed_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("step_*") if (p / MANIFEST).exists())
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint folder's name (step_00000100: 100)."""
+    return int(path.name.removeprefix("step_"))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest completed checkpoint, if any."""
     done = completed_checkpoints(directory)

@@ -196,6 +196,28 @@ def test_rewind_reloads_the_checkpoint_skips_the_window_and_lowers_lr(
     assert all(math.isfinite(r["loss"]) for r in metrics)
 
 
+def test_a_run_stopped_before_a_spike_rewinds_as_the_uninterrupted_run(
+    clean: Any, prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop_at_step=5 leaves a checkpoint at step 5 that the straight run never saved; after
+    --resume the spike at step 6 still rewinds to step 4, the last one of the save cadence,
+    so stopping and resuming changes nothing."""
+    _, seen = clean
+    args = ["train.save_every_steps=4", "guard.action=rewind", "guard.rewind_lr_factor=0.5"]
+    Tap(monkeypatch, micro(seen, POISONED_STEP)[0], "spike")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    shutil.copytree(prepared_run, straight)
+    shutil.copytree(prepared_run, split)
+    expected = run(straight, *args)
+    run(split, *args, "train.stop_at_step=5")
+    recipe = load_recipe(None, [*GUARDED, f"run_dir={split}", *args])
+    pipeline.pretrain_stage(recipe, resume=True)
+    assert [e["rewound_to_step"] for e in events(split)] == [4]
+    keys = ("step", "tokens", "loss", "lr", "grad_norm")
+    got = read_metrics(split / "metrics.jsonl")
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in expected]
+
+
 def test_a_lasting_shift_is_accepted_after_patience(
     prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

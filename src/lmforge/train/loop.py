@@ -29,7 +29,12 @@ from lmforge.checkpoint import (
     load_newest_good,
     start_checkpoint,
 )
-from lmforge.checkpoint_dirs import checkpoint_dir, latest_checkpoint
+from lmforge.checkpoint_dirs import (
+    checkpoint_dir,
+    checkpoint_step,
+    completed_checkpoints,
+    latest_checkpoint,
+)
 from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
@@ -286,7 +291,9 @@ def train(
                     if pending is not None:
                         pending.finish()
                         pending = None
-                    rewound = rewind(ckpt_dir, model, optimizer, loader, guard)
+                    rewound = rewind(
+                        ckpt_dir, model, optimizer, loader, guard, cfg.save_every_steps
+                    )
                     if rewound is not None:
                         step, tokens = rewound
                         event["rewound_to_step"] = step
@@ -436,15 +443,22 @@ def rewind(
     optimizer: torch.optim.Optimizer,
     loader: BatchSource,
     guard: SpikeGuard,
+    save_every_steps: int,
 ) -> tuple[int, int] | None:
     """Reload the newest good checkpoint but keep the loader where it is, so the data from the
     checkpoint up to the offending batch is skipped; scale the learning rate down. Returns the
-    checkpoint's (step, tokens), or None (nothing saved yet: the update is only skipped)."""
-    if latest_checkpoint(ckpt_dir) is None:
+    checkpoint's (step, tokens), or None (nothing saved yet: the update is only skipped).
+
+    Checkpoints saved every `save_every_steps` come first: one saved off that cadence (where
+    `stop_at_step` stopped a run later resumed) would rewind to another step than the run
+    without the stop, which resume promises to equal."""
+    done = completed_checkpoints(ckpt_dir)
+    if not done:
         log.warning("loss-spike guard: no checkpoint to rewind to; the update is skipped")
         return None
+    on_cadence = [p for p in done if checkpoint_step(p) % save_every_steps == 0]
     position, kept = loader.state_dict(), guard.state_dict()
-    path, state = load_newest_good(ckpt_dir, model, optimizer)
+    path, state = load_newest_good(ckpt_dir, model, optimizer, on_cadence or None)
     loader.load_state_dict(position)
     guard.load_state_dict(state.guard)
     guard.events = kept["events"]  # what happened since the checkpoint still counts: the
