@@ -52,6 +52,24 @@ def test_round_trip_restores_model_optimizer_and_state(
     )
 
 
+def test_a_resumed_optimizer_takes_its_settings_from_the_recipe(
+    tiny_cfg: ModelConfig, tmp_path: Path
+) -> None:
+    """Weight decay, betas and eps edited in the recipe apply after resume (the checkpoint's
+    were silently restored); the moments are still the checkpoint's; no decay stays off."""
+    model, opt = _trained(tiny_cfg)
+    path = _save(tmp_path, model, opt, 3)
+    fresh = Llama(tiny_cfg)
+    edited = OptimConfig(weight_decay=0.02, beta2=0.99, eps=1e-6)
+    fresh_opt = build_optimizer(fresh, edited)
+    load_checkpoint(path, fresh, fresh_opt)
+    settings = [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in fresh_opt.param_groups]
+    assert settings == [(0.02, (0.9, 0.99), 1e-6), (0.0, (0.9, 0.99), 1e-6)]
+    assert fresh_opt.state_dict()["state"][0]["exp_avg"].equal(
+        opt.state_dict()["state"][0]["exp_avg"]
+    )
+
+
 def test_tied_embeddings_survive_a_round_trip(tiny_cfg: ModelConfig, tmp_path: Path) -> None:
     cfg = ModelConfig(**{**tiny_cfg.__dict__, "tie_embeddings": True})
     model, opt = _trained(cfg)

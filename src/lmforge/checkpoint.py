@@ -240,6 +240,12 @@ def load_newest_good(
     raise CheckpointError(f"{directory}: no checkpoint can be resumed: {'; '.join(errors)}")
 
 
+OPTIMIZER_SETTINGS = ("weight_decay", "betas", "eps")
+"""What the optimizer was built with that a resumed run takes from its recipe, not from the
+checkpoint (which set_optimizer_state_dict would restore): its moments and step counts are
+the checkpoint's. The lr is set every step."""
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> TrainerState:
@@ -263,7 +269,13 @@ def load_checkpoint(
         template = {"optimizer": _sharded_optimizer_state(model, optimizer)}
         with _single_process_is_intended():
             dcp.load(template, checkpoint_id=path / STATE, no_dist=not _distributed())
+        wanted = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, template["optimizer"])
+        for group, settings in zip(optimizer.param_groups, wanted, strict=True):
+            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
+            if any(saved.get(k) != v for k, v in settings.items()):
+                log.info("%s: optimizer settings %s replace the checkpoint's", path, settings)
+            group.update(settings)
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     trainer = json.loads((path / "trainer.json").read_text())
     return TrainerState(
