@@ -219,6 +219,21 @@ def test_chat_loop_drops_the_oldest_turns_to_fit(assistant: SlowAssistant) -> No
     assert len(assistant.chat_prompt(history)) <= assistant.context_len
 
 
+def test_chat_loop_refuses_a_message_too_long_without_losing_the_history(
+    assistant: SlowAssistant,
+) -> None:
+    cfg = GenerateConfig(temperature=0, max_new_tokens=4)
+    lines = iter(["hello", "word " * (2 * assistant.context_len), "/exit"])
+    out: list[str] = []
+    history = chat_loop(assistant, cfg, "Be brief.", read=lambda _: next(lines), write=out.append)
+    assert "message too long" in "".join(out)
+    assert [(m.role, m.content) for m in history[:2]] == [
+        ("system", "Be brief."),
+        ("user", "hello"),
+    ]
+    assert len(history) == 3  # the first exchange, as it was
+
+
 def test_serve_compile_reaches_the_batched_decode_step(
     assistant: SlowAssistant, monkeypatch: pytest.MonkeyPatch
 ) -> None:

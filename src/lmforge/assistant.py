@@ -185,18 +185,18 @@ def chat_loop(
             continue
         if not line.strip():
             continue
-        history.append(Message("user", line))
-        prompt = assistant.chat_prompt(history)
-        while len(prompt) + cfg.max_new_tokens > assistant.context_len and len(history) > 1 + len(
+        trimmed = [*history, Message("user", line)]
+        prompt = assistant.chat_prompt(trimmed)
+        while len(prompt) + cfg.max_new_tokens > assistant.context_len and len(trimmed) > 1 + len(
             start
         ):
-            history = [*start, *history[len(start) + 2 :]]  # drop the oldest exchange
-            prompt = assistant.chat_prompt(history)
+            trimmed = [*start, *trimmed[len(start) + 2 :]]  # drop the oldest exchange
+            prompt = assistant.chat_prompt(trimmed)
         room = assistant.context_len - len(prompt)
-        if room < 1:
+        if room < 1:  # the history stays as it was: only this message is refused
             write(f"(message too long for the {assistant.context_len}-token context)\n")
-            history.pop()
             continue
+        history = trimmed
         reply = Reply(len(prompt))
         write("assistant> ")
         pieces = []
