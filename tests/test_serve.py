@@ -138,6 +138,97 @@ def test_stream_options_include_usage_adds_a_last_usage_chunk(client: openai.Ope
     )
     plain = list(client.chat.completions.create(**kwargs, stream=True))  # type: ignore[call-overload]
     assert all(c.usage is None for c in plain)
+    text = {"model": "tiny", "prompt": "A", "temperature": 0, "max_tokens": 8, "stream": True}
+    completion = list(client.completions.create(**text))  # type: ignore[call-overload]
+    assert all(c.usage is None for c in completion)  # the last text chunk had usage unasked
+    completion = list(client.completions.create(**text, stream_options={"include_usage": True}))  # type: ignore[call-overload]
+    assert [c.usage is not None for c in completion] == [False] * (len(completion) - 1) + [True]
+
+
+def test_openai_request_shapes_are_understood_or_refused(
+    client: openai.OpenAI, server: str, assistant: Assistant
+) -> None:
+    """Text parts and nulls mean what OpenAI's API takes them to mean; a field that would
+    change the output and is not implemented is a 400 naming it, never silently ignored."""
+    kwargs = {"model": "tiny", "temperature": 0, "max_tokens": 6}
+    plain = client.chat.completions.create(messages=MESSAGES, **kwargs)  # type: ignore[call-overload]
+    parts = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES
+    ]
+    as_parts = client.chat.completions.create(messages=parts, **kwargs)  # type: ignore[call-overload]
+    assert as_parts.choices[0].message.content == plain.choices[0].message.content
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 2, "temperature": None, "n": None}
+    nulls = httpx.post(f"{server}/v1/completions", json={**body, "top_p": None, "stream": None})
+    assert nulls.status_code == 200, nulls.text
+    assert client.completions.create(model="tiny", prompt="A", max_tokens=2, user="u").choices
+    for field, value in [
+        ("logit_bias", {"466": -100}),
+        ("echo", True),
+        ("logprobs", 3),
+        ("frequency_penalty", 0.5),
+        ("best_of", 2),
+    ]:
+        r = httpx.post(f"{server}/v1/completions", json={**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4")
+    error = missing.value.body
+    assert isinstance(error, dict) and (error["type"], error["code"]) == (
+        "invalid_request_error",
+        "model_not_found",
+    )
+
+
+def test_text_that_is_not_text_is_a_400_not_a_500(server: str) -> None:
+    """JSON's \\ud800 escape is valid JSON but no text: the tokenizer raised TypeError (500)."""
+    chat = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}'
+    text = b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}'
+    for path, body, param in [
+        ("chat/completions", chat, "messages"),
+        ("completions", text, "prompt"),
+    ]:
+        r = httpx.post(
+            f"{server}/v1/{path}", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_before_it_is_read(
+    assistant: SlowAssistant,
+) -> None:
+    """Without content-length the body was read whole, then refused: 400 MiB took 800 MiB."""
+    import anyio
+
+    app = create_app(assistant, ServeConfig(max_request_bytes=20_000))
+    sent: list[int] = []
+    replies: list[dict] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+
+    async def receive() -> dict:
+        sent.append(10_000)
+        return {"type": "http.request", "body": b" " * 10_000, "more_body": len(sent) < 1000}
+
+    async def send(message: dict) -> None:
+        replies.append(message)
+
+    anyio.run(app, scope, receive, send)
+    assert replies[0]["status"] == 413
+    assert sum(sent) < 100_000  # 3 chunks of 10 kB, not the 10 MB on offer
 
 
 def test_bad_requests_get_clear_4xx(client: openai.OpenAI, server: str) -> None:

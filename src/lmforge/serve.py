@@ -2,7 +2,9 @@
 /v1/chat/completions, streamed as server-sent events when asked (`lmforge serve`).
 
 Built on FastAPI (pydantic validates every request). Bad input never reaches the model and never
-takes the server down: malformed JSON or a wrong field is a 400, an unknown model a 404, a body
+takes the server down: malformed JSON or a wrong field is a 400 (so is an OpenAI field that
+would change the output and is not implemented here: logit_bias, echo, logprobs, penalties,
+best_of, suffix, tools, response_format), an unknown model a 404, a body
 over `max_request_bytes` a 413, a prompt that leaves no room in the context a 400, more requests
 than `max_concurrency` generating plus `max_queue` waiting a 503, and a generation that fails a
 500 (mid-stream: an error event). Errors use OpenAI's shape, {"error": {"message", "type",
@@ -29,7 +31,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from lmforge.assistant import Assistant, Reply
@@ -70,9 +72,21 @@ class APIError(HTTPException):
         self.kind, self.param = kind, param
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+    """A string, or text parts (as many clients send), joined."""
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -80,8 +94,29 @@ class StreamOptions(BaseModel):
     """A last chunk, before [DONE], with the usage and no choices (OpenAI's shape)."""
 
 
+UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+"""OpenAI fields that change the output, which this server does not implement: any value but
+these is a 400 (ignoring them answered something else than was asked). Other unknown fields
+(user, metadata, ...) are ignored."""
+
+DEFAULT_WHEN_NULL = ("temperature", "top_p", "n", "stream")
+"""Fields OpenAI's API also takes as null, meaning the default."""
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not implement are ignored
+    model_config = ConfigDict(extra="allow")  # checked against UNSUPPORTED_DEFAULTS, else unused
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -93,6 +128,22 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     """None: a fresh random seed, so that repeated requests get different samples."""
     n: int = Field(default=1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in DEFAULT_WHEN_NULL and v is None)}
+        return data
+
+    @model_validator(mode="after")
+    def _nothing_unsupported(self) -> _Sampling:
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED_DEFAULTS and value not in UNSUPPORTED_DEFAULTS[name]:
+                raise APIError(
+                    400, f"{name} is not supported by this server", "invalid_request_error", name
+                )
+        return self
 
 
 class CompletionRequest(_Sampling):
@@ -181,13 +232,19 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > cfg.max_request_bytes:
-            return _error(413, f"request body over {cfg.max_request_bytes} bytes", "too_large")
-        if request.method == "POST":
-            body = await request.body()  # chunked bodies have no content-length
-            if len(body) > cfg.max_request_bytes:
-                return _error(413, f"request body over {cfg.max_request_bytes} bytes", "too_large")
+        too_large = f"request body over {cfg.max_request_bytes} bytes"
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_request_bytes:
+            return _error(413, too_large, "too_large")
+        if request.method == "POST":  # chunked bodies have no content-length: count as read
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_request_bytes:
+                    return _error(413, too_large, "too_large")
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # what request.body() caches for the endpoint
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -198,6 +255,11 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail), "invalid_request_error")
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.error("unexpected error", exc_info=e)
+        return _error(500, f"internal error: {type(e).__name__}", "server_error")
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
@@ -207,10 +269,16 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
             message = "request body is not valid JSON"
         return _error(400, f"{where}: {message}" if where else message, "invalid_request_error")
 
+    card = {"id": assistant.name, "object": "model", "created": created, "owned_by": "lmforge"}
+
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        card = {"id": assistant.name, "object": "model", "created": created, "owned_by": "lmforge"}
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    def model(name: str) -> dict[str, Any]:
+        _check_model(name, assistant)
+        return card
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, http: Request) -> Any:
@@ -218,6 +286,7 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "one prompt per request", "invalid_request_error", "prompt")
+        _check_text(prompts[0], "prompt")
         prompt = await anyio.to_thread.run_sync(assistant.text_prompt, prompts[0])
         return await _respond(req, prompt, "text_completion", assistant, batcher, cfg, slots, http)
 
@@ -226,7 +295,9 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
         _check_model(req.model, assistant)
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
-        messages = [Message(m.role, m.content) for m in req.messages]
+        messages = [Message(m.role, m.text) for m in req.messages]
+        for m in messages:
+            _check_text(m.content, "messages")
         if any(m.role == "system" for m in messages[1:]):
             raise APIError(400, "a system message may only come first", "invalid_request_error")
         prompt = await anyio.to_thread.run_sync(assistant.chat_prompt, messages)
@@ -314,7 +385,8 @@ async def _respond(
             if kind == "chat.completion":
                 yield _sse(_chunk(rid, req.model, {}, reply.finish_reason))
             else:
-                yield _sse(_body(kind, rid, req.model, [("", reply)], final=True))
+                last = _body(kind, rid, req.model, [("", reply)], final=True, usage=False)
+                yield _sse(last)
             if req.stream_options is not None and req.stream_options.include_usage:
                 chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
                 usage = {"choices": [], "usage": _usage([reply])}
@@ -371,9 +443,16 @@ async def _unless_client_leaves(
 
 
 def _body(
-    kind: str, rid: str, model: str, choices: list[tuple[str, Reply]], final: bool
+    kind: str,
+    rid: str,
+    model: str,
+    choices: list[tuple[str, Reply]],
+    final: bool,
+    usage: bool | None = None,
 ) -> dict[str, Any]:
-    """A response (or, not final, a stream chunk) with one choice per (text, reply)."""
+    """A response (or, not final, a stream chunk) with one choice per (text, reply); with usage
+    when final unless told otherwise (a stream's last chunk has none: include_usage adds a
+    chunk of its own)."""
     listed = []
     for index, (text, reply) in enumerate(choices):
         finish = reply.finish_reason if final else None
@@ -389,7 +468,7 @@ def _body(
         "model": model,
         "choices": listed,
     }
-    if final:
+    if final if usage is None else usage:
         body["usage"] = _usage([reply for _, reply in choices])
     return body
 
@@ -419,6 +498,17 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _check_text(text: str, param: str) -> None:
+    """JSON's \\ud800 escape parses into a str that is not text (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"character {e.start}"
+        raise APIError(
+            400, f"{param}: a lone surrogate at {where} is not text", "invalid_request_error", param
+        ) from None
+
+
 def _check_model(name: str, assistant: Assistant) -> None:
     if name != assistant.name:
         raise APIError(
@@ -431,7 +521,9 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
 
 
 def _error_body(message: str, kind: str, param: str | None = None) -> dict[str, Any]:
-    return {"message": message, "type": kind, "param": param, "code": kind}
+    """OpenAI's shape: `type` is the broad class, `code` the particular error."""
+    broad = "server_error" if kind in ("server_error", "server_busy") else "invalid_request_error"
+    return {"message": message, "type": broad, "param": param, "code": kind}
 
 
 def _failure(e: BaseException) -> str:
