@@ -151,6 +151,11 @@ def test_the_boundary_switches_length_rope_base_and_mixture(straight: Path) -> N
     ]
     assert [r["tokens"] for r in records] == [512 * i for i in range(1, 9)]
     assert records[3]["lr"] > records[4]["lr"] > records[7]["lr"] > 0  # linear cooldown
+    # each step takes the schedule at the middle of its tokens: step 1 is not at lr 0
+    stages = load_recipe(None, STAGED).resolved_stages()
+    middles = [r["tokens"] - 256 for r in records]
+    assert [r["lr"] for r in records] == [stage_at(stages, t).lr_at(t) for t in middles]
+    assert records[0]["lr"] == pytest.approx(stages[0].lr * 256 / 512)  # half way into warmup
     # the mixture switches when the stream reaches the boundary (after the document in hand)
     assert records[3]["tokens_by_source"] == {"english": 0, "chinese": 0, "code": 2048}
     last = records[-1]["tokens_by_source"]

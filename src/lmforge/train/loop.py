@@ -239,7 +239,9 @@ def train(
                 pending.finish()  # every rank's files are written: in place now, not at the
                 pending = None  # next save (a kill until then would lose it)
             t0 = time.perf_counter()
-            lr = stage.lr_at(tokens) * guard.lr_scale
+            # the schedule at the middle of the step's tokens: the first step does not train
+            # at lr 0 (warmup's start), nor the last at the end of a cooldown to 0
+            lr = stage.lr_at(tokens + stage.batch_tokens // 2) * guard.lr_scale
             rows_before, loader_before = loader.rows, loader.state_dict()
             for group in optimizer.param_groups:
                 group["lr"] = lr

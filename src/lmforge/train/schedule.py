@@ -3,7 +3,8 @@
 Token-based, not step-based, so changing the batch size or world size keeps the curve (XGen warms
 up over 375M tokens; ChuXin ends with a cooldown phase after the cosine decay). A recipe without
 stages describes its curve with `ScheduleConfig` (warmup → cosine → linear cooldown over the
-whole budget); stages.py turns that into two segments.
+whole budget); stages.py turns that into two segments. A training step takes the curve's
+value at the middle of its own tokens (train/loop.py).
 """
 
 from __future__ import annotations
