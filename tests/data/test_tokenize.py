@@ -184,7 +184,7 @@ def test_cleaning_and_dedup_drops_are_counted_per_source(
     tmp_path: Path, tokenizer: TextTokenizer
 ) -> None:
     docs = ["a fine document about cats", "tiny", "a fine document about cats", "ok " * 20]
-    docs += ["另一个中文文档，完全不同。" * 3]
+    docs += ["另一个中文文档，完全不同。" * 3, ""]  # an empty text is read and dropped too
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")  # across sources
     cfg = DataConfig(
@@ -197,8 +197,8 @@ def test_cleaning_and_dedup_drops_are_counted_per_source(
     )
     manifest = tokenize_corpus(cfg, tokenizer, tmp_path / "out")
     a, b = manifest["sources"]["a"], manifest["sources"]["b"]
-    assert a["dropped"] == {"exact_duplicate": 1, "language": 1, "too_short": 1}
-    assert a["read"] == 5 and a["train"]["docs"] + a["val"]["docs"] == 2
+    assert a["dropped"] == {"empty": 1, "exact_duplicate": 1, "language": 1, "too_short": 1}
+    assert a["read"] == 6 and a["train"]["docs"] + a["val"]["docs"] == 2
     assert b["dropped"] == {"exact_duplicate": 1} and b["train"]["docs"] + b["val"]["docs"] == 0
 
 

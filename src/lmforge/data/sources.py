@@ -61,8 +61,11 @@ ErrorHandler = Callable[[DataError], None]
 """Receives each bad input (its message names file:line) instead of it being raised."""
 
 
-def read_documents(source: SourceConfig, on_error: ErrorHandler | None = None) -> Iterator[str]:
-    """Stream the non-empty documents of `source`, stopping once `max_bytes` is reached.
+def read_documents(
+    source: SourceConfig, on_error: ErrorHandler | None = None, keep_empty: bool = False
+) -> Iterator[str]:
+    """Stream the non-empty documents of `source`, stopping once `max_bytes` is reached; with
+    `keep_empty`, empty ones too (tokenize counts them as dropped).
 
     Without `on_error` the first bad line or file raises; with it, the bad item is handed over
     and reading goes on with the next line (or the next file, when the file itself is bad).
@@ -71,6 +74,8 @@ def read_documents(source: SourceConfig, on_error: ErrorHandler | None = None) -
     num_docs = 0
     for text in _raw_documents(source, on_error):
         if not text:
+            if keep_empty:
+                yield text
             continue
         yield text
         num_docs += 1
@@ -151,9 +156,8 @@ def _read_files(files: Iterable[Path], source: SourceConfig, bad: ErrorHandler) 
 
         try:
             for text in _read_file(path, source, bad_line):
-                if text:
-                    num_docs += 1
-                    yield text
+                num_docs += bool(text)
+                yield text
             if num_docs == 0 and num_bad == 0:
                 raise DataError(f"{path}: no documents (empty file, or every text is empty)")
         except DataError as e:  # the file as a whole is bad: skip the rest of it

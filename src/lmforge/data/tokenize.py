@@ -52,6 +52,9 @@ _BATCH_BYTES = 1 << 20
 """Text per unit of work (with `batch_docs`): one 2.5 MB batch of code files would keep a worker
 busy for seconds while the others wait at the end of a source."""
 FORMAT_VERSION = 2
+RESTART_VERSION = 2
+"""What a restart point's counts mean (2: `read` counts empty documents, dropped as
+"empty"); a restart point of another version is not used."""
 DEFAULT_SOURCES = (
     SourceConfig(name="english", path="builtin:english", max_bytes=500_000),
     SourceConfig(name="chinese", path="builtin:chinese", max_bytes=500_000),
@@ -347,10 +350,10 @@ class _Run:
     def _items(self, source: SourceConfig) -> Iterator[str | DataError]:
         """The source's documents, and with on_error=skip its bad inputs, in reading order."""
         if self.cfg.on_error == "raise":
-            yield from read_documents(source)
+            yield from read_documents(source, keep_empty=True)
             return
         errors: list[DataError] = []
-        for text in read_documents(source, on_error=errors.append):
+        for text in read_documents(source, on_error=errors.append, keep_empty=True):
             yield from errors
             errors.clear()
             yield text
@@ -502,7 +505,9 @@ def _fingerprint(cfg: DataConfig, tokenizer: TextTokenizer) -> str:
             files = resolve_files(s.path)
         inputs.append([s.path, [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]])
     blob = json.dumps(
-        [FORMAT_VERSION, asdict(cfg), tokenizer.sha256, inputs], sort_keys=True, default=str
+        [FORMAT_VERSION, RESTART_VERSION, asdict(cfg), tokenizer.sha256, inputs],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 

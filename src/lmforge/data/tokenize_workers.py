@@ -145,7 +145,7 @@ def process_batch(batch: list[str]) -> list[ProcessedDoc]:
     clean_cfg, dedup_cfg, tokenizer = _worker["clean"], _worker["dedup"], _worker["tok"]
     docs, kept = [], []
     for raw in batch:
-        text, reason = clean(raw, clean_cfg)
+        text, reason = clean(raw, clean_cfg) if raw else ("", "empty")
         num_bytes = len(text.encode("utf-8"))
         sig = signature(text, dedup_cfg) if reason is None and _dedups(dedup_cfg) else None
         docs.append(ProcessedDoc(num_bytes, split_of(text, _worker["heldout"]), reason, sig, None))
