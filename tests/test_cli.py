@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lmforge.cli import main
@@ -333,3 +334,27 @@ def test_eval_options_of_another_evaluation_are_refused(
         main(["eval", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_dir_without_a_recipe_file_uses_its_own_recipe(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pretrain run_dir=R --resume` (or eval, data-inspect...) with no recipe file starts from
+    R/recipe.yaml, not the demo defaults, which rewrote a shortened run into a longer one."""
+    args = [*TINY_OVERRIDES, f"run_dir={tiny_run}", "train.max_tokens=1024"]
+    assert main(["pretrain", *args, "train.stop_at_step=1"]) == 0
+    saved = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    assert main(["pretrain", f"run_dir={tiny_run}", "--resume"]) == 0
+    assert "the run's recipe" in capsys.readouterr().err
+    now = yaml.safe_load((tiny_run / "recipe.yaml").read_text())
+    assert now["train"].pop("stop_at_step") in (0, None) and saved["train"].pop("stop_at_step")
+    assert now == saved and now["train"]["max_tokens"] == 1024
+    lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # 1,024 tokens: 2 steps
+
+
+def test_data_inspect_with_no_rows_prints_the_mixture_only(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["data-inspect", *TINY_OVERRIDES, f"run_dir={tiny_run}", "--rows", "0"]) == 0
+    assert "english" in capsys.readouterr().out  # the StopIteration traceback before

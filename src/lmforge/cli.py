@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--json", action="store_true", help="print the plan as JSON")
         if verb == "data-inspect":
-            p.add_argument("--rows", type=int, default=2, help="packed rows to decode")
+            p.add_argument(
+                "--rows", type=int, default=2, help="packed rows to decode (default 2; 0: none)"
+            )
             p.add_argument("--json", action="store_true", help="print everything as JSON")
         if verb in ("pretrain", "sft"):
             p.add_argument("--resume", action="store_true", help="continue the latest checkpoint")
@@ -461,7 +463,27 @@ def recipe_from_args(verb: str, args: argparse.Namespace) -> Recipe:
             for i, p in enumerate(args.corpus)
         ]
         overrides.append("data.sources=" + json.dumps(sources))
-    return load_recipe(Path(files[0]) if files else None, overrides)
+    if files:
+        return load_recipe(Path(files[0]), overrides)
+    saved = _saved_recipe(verb, overrides)
+    if saved is not None:  # where that call stopped is not where this one should
+        overrides = ["train.stop_at_step=0", *overrides]
+    return load_recipe(saved, overrides)
+
+
+def _saved_recipe(verb: str, overrides: list[str]) -> Path | None:
+    """With no recipe file, a run dir's own recipe.yaml (what it was trained with) is the base
+    the overrides apply to, not the demo defaults: `pretrain run_dir=R --resume` after
+    `demo train.max_tokens=...` continues that run, not a longer one. `run`/`demo` start
+    runs; `plan` plans a recipe."""
+    if verb in ("run", "demo", "plan"):
+        return None
+    run_dirs = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0] == "run_dir"]
+    saved = Path(run_dirs[-1]) / "recipe.yaml" if run_dirs else None
+    if saved is None or not saved.is_file():
+        return None
+    print(f"lmforge {verb}: the run's recipe {saved} (with the overrides given)", file=sys.stderr)
+    return saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -265,8 +265,8 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message = "request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            message, where = "request body is not valid JSON", ""
         return _error(400, f"{where}: {message}" if where else message, "invalid_request_error")
 
     card = {"id": assistant.name, "object": "model", "created": created, "owned_by": "lmforge"}

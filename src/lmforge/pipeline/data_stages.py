@@ -88,6 +88,9 @@ def inspect_stage(recipe: Recipe, num_rows: int = 2) -> dict[str, Any]:
         trainer = json.loads((last / "trainer.json").read_text())
         result["realised"] = realised_mixture(trainer["loader"]["consumed"])
         result["realised_at"] = {"checkpoint": str(last), "tokens": trainer["tokens"]}
+    if num_rows < 1:
+        result["rows"] = []
+        return result
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     loader = PackedLoader(
         sources,

@@ -61,7 +61,8 @@ class RunPaths:
         if latest_checkpoint(self.checkpoints) is not None:
             raise FileExistsError(
                 f"{self.root} holds checkpoints of a trained run, which {change} would not match;"
-                " continue it with --resume, or use another run_dir (nothing was changed)"
+                " use another run_dir (or continue training with `pretrain --resume`); nothing"
+                " was changed"
             )
 
 
