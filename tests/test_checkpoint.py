@@ -41,6 +41,8 @@ def test_round_trip_restores_model_optimizer_and_state(
 ) -> None:
     model, opt = _trained(tiny_cfg)
     path = _save(tmp_path, model, opt, 3)
+    shared = (path / "model.safetensors").stat().st_mode & 0o777
+    assert shared == (path / "trainer.json").stat().st_mode & 0o777  # not 0600 as written
     fresh = Llama(tiny_cfg)
     fresh_opt = build_optimizer(fresh, OptimConfig())
     state = load_checkpoint(path, fresh, fresh_opt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path: Path, tie: bool
     transformers = pytest.importorskip("transformers")
     model = tiny_model(tie=tie, rope_theta=500_000.0)
     folder = export_hf(model, tmp_path / "hf")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert set(modes.values()) == {0o666 & ~_umask()}, modes  # weights were 0600
     hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
     assert hf.config.rope_parameters["rope_theta"] == 500_000.0
     ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
@@ -170,3 +173,9 @@ def test_wrong_tensor_names_are_listed(tmp_path: Path) -> None:
         ValueError, match=r"missing \['norm.weight'\].*unexpected \['extra.weight'\]"
     ):
         import_hf(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

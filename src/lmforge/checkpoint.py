@@ -38,6 +38,7 @@ from lmforge.checkpoint_dirs import (
     FORMAT,
     STATE,
     CheckpointError,
+    as_umask_allows,
     completed_checkpoints,
     fsync_dir,
     prune,
@@ -162,6 +163,7 @@ def start_checkpoint(
     if _rank() == 0:
         if consolidate:
             save_file(full, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+            as_umask_allows(tmp / "model.safetensors")
         torch.save(_rng_state(), tmp / "rng.pt")
         trainer = {
             "format": FORMAT,

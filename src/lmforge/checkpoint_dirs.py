@@ -26,6 +26,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted."""
 
 
+def as_umask_allows(path: Path) -> None:
+    """Give a file the mode a plain open() would (0666 less the umask): safetensors' save_file
+    writes 0600, which other users of a shared checkpoint or export cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 

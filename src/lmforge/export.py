@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, processors
 
+from lmforge.checkpoint_dirs import as_umask_allows
 from lmforge.data.chat import CHAT_TEMPLATE
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
@@ -206,6 +207,7 @@ def _write_folder(
         generation["eos_token_id"] = [i for i in ends if i is not None]
     _write_json(folder / "generation_config.json", generation)
     save_file(hf_state_dict(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    as_umask_allows(folder / WEIGHTS_FILE)
     if tokenizer_file is not None:
         vocab = model.cfg.vocab_size
         _write_tokenizer(folder, tokenizer_file, special_tokens, vocab, max_position_embeddings)
