@@ -275,7 +275,7 @@ VERBS: dict[str, tuple[Callable[[Recipe, argparse.Namespace], None], str]] = {
     "serve": (cmd_serve, "OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions"),
     "eval": (cmd_eval, "held-out perplexity / bits per byte, or benchmarks with --tasks"),
     "generate": (cmd_generate, "sample continuations of prompts"),
-    "export": (cmd_export, "write a Hugging Face LlamaForCausalLM folder"),
+    "export": (cmd_export, "write a Hugging Face LlamaForCausalLM folder or a GGUF file"),
     "run": (cmd_run, "every stage of a recipe, in order"),
     "demo": (cmd_run, "every stage on the embedded tiny bilingual + code default"),
 }
@@ -304,11 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb in ("chat", "serve"):
+            first, what = "[MODEL | RECIPE.yaml]", "a checkpoint, run dir or HF folder, or a recipe"
+        elif verb == "demo":
+            first, what = "", "no recipe file (demo is the embedded defaults)"
+        else:
+            first, what = "[RECIPE.yaml]", "a recipe file"
         p.add_argument(
             "args",
             nargs="*",
-            metavar="[RECIPE.yaml] [key=value ...]",
-            help="a recipe file (default: the embedded demo) and dotted overrides",
+            metavar=f"{first} [key=value ...]".strip(),
+            help=f"{what}; dotted overrides (without a recipe file: run_dir=R's recipe.yaml if"
+            " it has one, else the embedded demo)",
         )
         p.add_argument(
             "--corpus",
