@@ -219,7 +219,7 @@ def test_fresh_pretrain_never_overwrites_an_earlier_run(
     assert main(["pretrain", *args]) == 0
     before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
     assert main(["pretrain", *args]) == 2
-    assert "continue it with --resume" in capsys.readouterr().err
+    assert "pretrain --resume" in capsys.readouterr().err
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
     assert main(["pretrain", "--resume", *args]) == 0  # already complete: nothing to do
 
