@@ -358,3 +358,12 @@ def test_data_inspect_with_no_rows_prints_the_mixture_only(
 ) -> None:
     assert main(["data-inspect", *TINY_OVERRIDES, f"run_dir={tiny_run}", "--rows", "0"]) == 0
     assert "english" in capsys.readouterr().out  # the StopIteration traceback before
+
+
+def test_plan_of_a_recipe_that_starts_from_a_base_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An sft recipe's model is its base run's: a plan of the recipe's own model section
+    (the demo's 5M for xgen-7b-inst) must not pass as the 7B's without a word."""
+    assert main(["plan", "recipes/xgen-7b-inst.yaml", "--gpus", "1"]) == 0
+    assert "train.init_from=runs/xgen-7b supplies the model" in capsys.readouterr().err

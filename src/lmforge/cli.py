@@ -39,6 +39,14 @@ USER_ERRORS = (
 
 
 def cmd_plan(recipe: Recipe, args: argparse.Namespace) -> None:
+    if recipe.train.init_from is not None:  # sft recipes: the model is the base run's
+        print(
+            f"lmforge plan: note: train.init_from={recipe.train.init_from} supplies the model"
+            " when training runs; this plans the recipe's own model section (set model.* or"
+            " model.preset to the base's shape) and stages (sft derives its token count from"
+            " the data)",
+            file=sys.stderr,
+        )
     plan = plan_recipe(
         recipe, args.gpus, args.gpu, args.mfu, "full" if args.activation_checkpointing else None
     )
@@ -362,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="a folder with one subfolder of data files per task (default: HF datasets)",
             )
             p.add_argument("--num-fewshot", type=int, help="override each task's shots")
-            p.add_argument("--limit", type=int, help="first N questions of each task")
+            p.add_argument(
+                "--limit",
+                type=int,
+                help="first N questions of each task (of each subject: MMLU, CMMLU, C-Eval)",
+            )
             p.add_argument(
                 "--samples",
                 type=int,
@@ -450,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         " (finished runs are scored, not retrained)",
     )
     ablate.add_argument("--data-dir", help="one subfolder of data files per task")
-    ablate.add_argument("--limit", type=int, help="first N questions of each task")
+    ablate.add_argument(
+        "--limit", type=int, help="first N questions of each task (of each subject: MMLU...)"
+    )
     return parser
 
 
