@@ -365,5 +365,6 @@ def test_plan_of_a_recipe_that_starts_from_a_base_says_so(
 ) -> None:
     """An sft recipe's model is its base run's: a plan of the recipe's own model section
     (the demo's 5M for xgen-7b-inst) must not pass as the 7B's without a word."""
-    assert main(["plan", "recipes/xgen-7b-inst.yaml", "--gpus", "1"]) == 0
+    recipe = Path(__file__).parents[1] / "recipes" / "xgen-7b-inst.yaml"
+    assert main(["plan", str(recipe), "--gpus", "1"]) == 0
     assert "train.init_from=runs/xgen-7b supplies the model" in capsys.readouterr().err
