@@ -78,7 +78,8 @@ def test_eval_by_position_writes_the_long_context_curve(
     assert main(["pretrain", *args, "train.max_tokens=1024"]) == 0
     capsys.readouterr()
     assert main(["eval", *args, "--by-position", "128"]) == 0  # twice the training length
-    assert "positions     64-127" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "positions     64-127" in printed and f"plot: {tiny_run}/loss_by_position.png" in printed
     out = json.loads((tiny_run / "loss_by_position.json").read_text())
     assert len(out["loss"]) == 128 and out["train_seq_len"] == 64
     assert (tiny_run / "loss_by_position.png").stat().st_size > 1000

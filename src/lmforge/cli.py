@@ -151,6 +151,7 @@ def cmd_eval(recipe: Recipe, args: argparse.Namespace) -> None:
         print(f"loss by position (trained at {out['train_seq_len']} tokens):")
         for b in out["bins"]:
             print(f"  positions {b['from']:>6}-{b['to'] - 1:<6} {b['loss']:.4f}")
+        print(f"plot: {pipeline.RunPaths(recipe.run_dir).root / 'loss_by_position.png'}")
         return
     if args.needle is not None:
         _eval_needle(recipe, args)
@@ -406,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--by-position",
                 type=int,
                 metavar="LENGTH",
-                help="loss at each position 1..LENGTH of long val documents (+ PNG)",
+                help="loss at each position 0..LENGTH-1 of long val documents, in bins"
+                " (+ RUN/loss_by_position.png)",
             )
         if verb in ("eval", "generate", "export", "chat", "serve"):
             p.add_argument("--checkpoint", help="checkpoint dir (default: the run's latest)")
