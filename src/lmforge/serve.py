@@ -25,19 +25,25 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from lmforge.assistant import Assistant, Reply
 from lmforge.batching import ContinuousBatcher
 from lmforge.data.chat import Message
 from lmforge.generate import GenerateConfig
+from lmforge.serve_requests import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    check_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,95 +70,6 @@ class ServeConfig:
     max_samples: int = 8
     """Most completions one request may ask for (`n`); the prompt is prefilled once and its n
     samples join the batch as n rows."""
-
-
-class APIError(HTTPException):
-    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
-        super().__init__(status, message)
-        self.kind, self.param = kind, param
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    """A string, or text parts (as many clients send), joined."""
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-    """A last chunk, before [DONE], with the usage and no choices (OpenAI's shape)."""
-
-
-UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
-    "echo": (None, False),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "tools": (None, []),
-    "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
-}
-"""OpenAI fields that change the output, which this server does not implement: any value but
-these is a 400 (ignoring them answered something else than was asked). Other unknown fields
-(user, metadata, ...) are ignored."""
-
-DEFAULT_WHEN_NULL = ("temperature", "top_p", "n", "stream")
-"""Fields OpenAI's API also takes as null, meaning the default."""
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # checked against UNSUPPORTED_DEFAULTS, else unused
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    """None: a fresh random seed, so that repeated requests get different samples."""
-    n: int = Field(default=1, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (k in DEFAULT_WHEN_NULL and v is None)}
-        return data
-
-    @model_validator(mode="after")
-    def _nothing_unsupported(self) -> _Sampling:
-        for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED_DEFAULTS and value not in UNSUPPORTED_DEFAULTS[name]:
-                raise APIError(
-                    400, f"{name} is not supported by this server", "invalid_request_error", name
-                )
-        return self
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class Slots:
@@ -286,7 +203,7 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "one prompt per request", "invalid_request_error", "prompt")
-        _check_text(prompts[0], "prompt")
+        check_text(prompts[0], "prompt")
         prompt = await anyio.to_thread.run_sync(assistant.text_prompt, prompts[0])
         return await _respond(req, prompt, "text_completion", assistant, batcher, cfg, slots, http)
 
@@ -297,7 +214,7 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
             req.max_tokens = req.max_completion_tokens
         messages = [Message(m.role, m.text) for m in req.messages]
         for m in messages:
-            _check_text(m.content, "messages")
+            check_text(m.content, "messages")
         if any(m.role == "system" for m in messages[1:]):
             raise APIError(400, "a system message may only come first", "invalid_request_error")
         prompt = await anyio.to_thread.run_sync(assistant.chat_prompt, messages)
@@ -307,7 +224,7 @@ def create_app(assistant: Assistant, cfg: ServeConfig | None = None) -> FastAPI:
 
 
 async def _respond(
-    req: _Sampling,
+    req: SamplingRequest,
     prompt: list[int],
     kind: str,
     assistant: Assistant,
@@ -496,17 +413,6 @@ def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) -> d
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _check_text(text: str, param: str) -> None:
-    """JSON's \\ud800 escape parses into a str that is not text (a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        where = f"character {e.start}"
-        raise APIError(
-            400, f"{param}: a lone surrogate at {where} is not text", "invalid_request_error", param
-        ) from None
 
 
 def _check_model(name: str, assistant: Assistant) -> None:
