@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lmforge.data.corpus import iter_builtin
 from lmforge.data.sources import DataError, SourceConfig, read_documents
@@ -358,3 +360,24 @@ def test_zstd_files_of_several_frames_are_read_whole_and_a_cut_one_is_an_error(
             f"{tmp_path / 'cut.jsonl.zst'}: truncated zstd file (it ends inside a frame);"
             " re-compress it"
         ]
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(1, 40), max_size=20), st.integers(0, 30))
+def test_bounded_lines_split_anywhere_give_the_lines_or_their_length(
+    data: bytes, cuts: list[int], cap: int
+) -> None:
+    """However the stream is chunked, each line comes back whole, or as its length when longer
+    than the cap."""
+    from lmforge.data.byte_lines import bounded_lines
+
+    chunks, at = [], 0
+    for size in cuts:
+        chunks.append(data[at : at + size])
+        at += size
+    chunks.append(data[at:])
+    expected: list[bytes | int] = [
+        line if len(line) <= cap else len(line) for line in data.split(b"\n")
+    ]
+    if expected and expected[-1] == b"":  # nothing after the last newline
+        expected.pop()
+    assert list(bounded_lines(chunks, cap)) == expected

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.byte_lines import CHUNK_BYTES, bounded_lines, file_chunks
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
@@ -173,11 +175,11 @@ def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[
         yield _decode(raw[bom:], path, line=1, line_offset=bom)
     elif suffix == ".jsonl":
         with open(path, "rb") as f:
-            yield from _read_jsonl(_chunks(f), path, source, bad)
+            yield from _read_jsonl(file_chunks(f), path, source, bad)
     elif suffix == ".jsonl.gz":
         try:
             with gzip.open(path, "rb") as f:
-                yield from _read_jsonl(_chunks(f), path, source, bad)
+                yield from _read_jsonl(file_chunks(f), path, source, bad)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt gzip file ({e}); re-compress it") from None
     elif suffix == ".jsonl.zst":
@@ -190,15 +192,6 @@ def _read_file(path: Path, source: SourceConfig, bad: ErrorHandler) -> Iterator[
         yield from _read_parquet(path, source, bad)
     else:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
-
-
-CHUNK_BYTES = 1 << 20
-
-
-def _chunks(f: Any) -> Iterator[bytes]:
-    """A binary file's bytes, CHUNK_BYTES at a time."""
-    while chunk := f.read(CHUNK_BYTES):
-        yield chunk
 
 
 ZSTD_INPUT_BYTES = 256
@@ -224,31 +217,6 @@ def _zstd_chunks(path: Path, zstandard: Any) -> Iterator[bytes]:
                         frame = decompressor.decompressobj()
     if in_frame:
         raise DataError(f"{path}: truncated zstd file (it ends inside a frame); re-compress it")
-
-
-def _lines(chunks: Iterable[bytes], cap: int) -> Iterator[bytes | int]:
-    """The lines of a byte stream, without their newline; in place of a line of more than `cap`
-    bytes, its length, its bytes dropped as they arrive: one enormous line (or a decompression
-    bomb) costs no more memory than `cap`."""
-    head: list[bytes] = []
-    size = 0
-    for chunk in chunks:
-        *complete, rest = chunk.split(b"\n")
-        for part in complete:
-            if size + len(part) > cap:
-                yield size + len(part)
-            else:
-                yield b"".join([*head, part]) if head else part
-            head, size = [], 0
-        size += len(rest)
-        if size <= cap and rest:
-            head.append(rest)
-        elif size > cap:
-            head = []
-    if size > cap:
-        yield size
-    elif head:
-        yield b"".join(head)
 
 
 def _optional(module: str, path: Path) -> Any:
@@ -281,7 +249,7 @@ def _read_jsonl(
     """One JSON object per line; blank lines are skipped; a bad line goes to `bad`."""
     offset = 0
     cap = JSON_ESCAPE_GROWTH * source.max_document_bytes
-    for lineno, raw in enumerate(_lines(chunks, cap), start=1):
+    for lineno, raw in enumerate(bounded_lines(chunks, cap), start=1):
         if isinstance(raw, int):  # too big even escaped: its bytes were not kept
             try:
                 _check_size(raw, source, f"{path}:{lineno}")
