@@ -218,6 +218,26 @@ def test_a_run_stopped_before_a_spike_rewinds_as_the_uninterrupted_run(
     assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in expected]
 
 
+def test_a_rewind_falls_back_off_the_cadence_when_the_checkpoints_on_it_are_corrupt(
+    clean: Any, prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 4 (the cadence) is corrupt: the spike at step 6 rewinds to step 5 (the stop's
+    checkpoint) rather than ending the run, and step 4 is set aside."""
+    _, seen = clean
+    args = ["train.save_every_steps=4", "guard.action=rewind", "guard.rewind_lr_factor=0.5"]
+    Tap(monkeypatch, micro(seen, POISONED_STEP)[0], "spike")
+    run_dir = tmp_path / "fallback"
+    shutil.copytree(prepared_run, run_dir)
+    run(run_dir, *args, "train.stop_at_step=5")
+    rng = run_dir / "checkpoints/step_00000004/rng.pt"
+    rng.write_bytes(rng.read_bytes()[:-1])
+    recipe = load_recipe(None, [*GUARDED, f"run_dir={run_dir}", *args])
+    pipeline.pretrain_stage(recipe, resume=True)
+    assert [e["rewound_to_step"] for e in events(run_dir)] == [5]
+    assert (run_dir / "checkpoints/corrupt-step_00000004").is_dir()
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 17))
+
+
 def test_a_lasting_shift_is_accepted_after_patience(
     prepared_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -453,14 +453,17 @@ def rewind(
 
     Checkpoints saved every `save_every_steps` come first: one saved off that cadence (where
     `stop_at_step` stopped a run later resumed) would rewind to another step than the run
-    without the stop, which resume promises to equal."""
+    without the stop, which resume promises to equal. The others are the fallback when every
+    checkpoint on the cadence is corrupt."""
     done = completed_checkpoints(ckpt_dir)
     if not done:
         log.warning("loss-spike guard: no checkpoint to rewind to; the update is skipped")
         return None
     on_cadence = [p for p in done if checkpoint_step(p) % save_every_steps == 0]
+    off_cadence = [p for p in done if p not in on_cadence]
     position, kept = loader.state_dict(), guard.state_dict()
-    path, state = load_newest_good(ckpt_dir, model, optimizer, on_cadence or None)
+    # tried from the end: the newest on the cadence first
+    path, state = load_newest_good(ckpt_dir, model, optimizer, off_cadence + on_cadence)
     loader.load_state_dict(position)
     guard.load_state_dict(state.guard)
     guard.events = kept["events"]  # what happened since the checkpoint still counts: the
