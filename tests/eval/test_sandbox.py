@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import textwrap
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lmforge.eval import sandbox
+from lmforge.eval import sandbox, sandbox_child
 from lmforge.eval.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 
 LIMITS = SandboxLimits(cpu_seconds=5, wall_seconds=5.0, memory_bytes=1 * 2**30, max_processes=16)
@@ -302,9 +303,66 @@ def test_root_without_pids_cgroup_gets_no_processes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sandbox, "_USE_CGROUPS", False)
     for program in ["import os\nos.fork()", "import subprocess\nsubprocess.run(['true'])"]:
         result = run(program)
+        if "unprivileged-user" in result.isolation:  # nobody has a process limit that works
+            assert "nproc-rlimit" in result.isolation and "fork-guard" not in result.isolation
+            assert result.status == "passed", result.stderr
+            continue
         assert "fork-guard" in result.isolation
         assert result.status == "failed"
         assert "PermissionError" in result.stderr
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+"""An interpreter whose library `nobody` can read, unlike one under /root (this test's own)."""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's programs change user")
+@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespace", "no-namespace"])
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroup", "no-cgroup"])
+def test_root_runs_the_program_as_nobody_who_reads_no_secrets_and_writes_only_its_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespaces: bool, cgroups: bool
+) -> None:
+    """Without a user namespace, a program running as root read the evaluator's environment
+    (an HF_TOKEN, say) from /proc/PID/environ, and wrote anywhere by going around Python."""
+    library = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import os; print(os.path.dirname(os.__file__))"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not sandbox_child._others_can_read(library):
+        pytest.skip(f"nobody cannot read {library}")
+    monkeypatch.setattr(sandbox, "_PYTHON", SYSTEM_PYTHON)
+    monkeypatch.setattr(sandbox, "_USE_NAMESPACES", namespaces)
+    monkeypatch.setattr(sandbox, "_USE_CGROUPS", cgroups)
+    secret = "lmf-secret-" + uuid.uuid4().hex
+    monkeypatch.setenv("LMFORGE_TEST_SECRET", secret)
+    outside = tmp_path / "outside.txt"
+    result = run(
+        f"""
+        import _io, os
+        print(os.getuid(), os.getgroups())
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{{pid}}/environ", "rb") as f:
+                    assert {secret.encode()!r} not in f.read(), pid
+            except OSError:
+                pass
+        try:
+            _io.FileIO({str(outside)!r}, "w")  # not through the write guard
+        except PermissionError:
+            print("refused")
+        open("inside.txt", "w").write("fine")
+        if os.fork() == 0:
+            os._exit(0)
+        print(os.wait()[1])
+        """
+    )
+    assert result.status == "passed", result.stderr
+    assert result.stdout.splitlines() == ["65534 []", "refused", "0"]
+    assert not outside.exists()
+    assert "unprivileged-user" in result.isolation
+    assert ("pids-cgroup" if cgroups else "nproc-rlimit") in result.isolation
 
 
 def test_concurrent_calls_from_threads_keep_their_own_results() -> None:

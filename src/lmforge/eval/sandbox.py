@@ -13,8 +13,13 @@ What holds on Linux, and how (`SandboxResult.isolation` names what took effect o
 - Processes: a pids cgroup caps the task count where the caller may create one ("pids-cgroup":
   root with a writable cgroup v1 `pids` or delegated v2 hierarchy); otherwise RLIMIT_NPROC
   ("nproc-rlimit"), which counts all of the user's tasks, so it is set to their current number
-  plus `max_processes`; Linux ignores it for root, so root without a cgroup gets "fork-guard":
-  os.fork, exec and subprocess are disabled in Python instead.
+  plus `max_processes`; Linux ignores it for root, so a program left running as root without a
+  cgroup gets "fork-guard": os.fork, exec and subprocess are disabled in Python instead.
+- User: a caller running as root runs the program as `nobody` ("unprivileged-user"), inside
+  the user namespace or without one, wherever `nobody` can read the interpreter's standard
+  library (not so for a Python under /root: there the program stays root). The kernel then
+  keeps it from writing anything but its working directory and world-writable places, and from
+  reading other processes' environments (/proc/PID/environ), where tokens tend to live.
 - Cleanup: the program runs in new user, PID and network namespaces where the kernel allows
   ("user-namespace", "pid-namespace", "net-namespace"; unprivileged where user namespaces are
   enabled). Its namespace's init is ours; when the program ends or the wall clock runs out the
@@ -25,10 +30,12 @@ What holds on Linux, and how (`SandboxResult.isolation` names what took effect o
   user namespace the program holds no capabilities in the host's namespaces, so it cannot
   switch back (root without a user namespace could). Without namespaces, "socket-guard" makes
   Python refuse every non-AF_UNIX socket; code can undo that (ctypes).
-- Files, Python-level only ("write-guard"): open/os/pathlib/shutil writes outside the fresh
+- Files, Python-level ("write-guard"): open/os/pathlib/shutil writes outside the fresh
   working directory raise PermissionError. Code that goes around Python (subprocess, ctypes,
-  _io.FileIO) writes wherever its user may; the program runs as the caller's user, so under
-  root that is almost anywhere.
+  _io.FileIO) writes wherever its user may: the caller's user, or `nobody` (above).
+- Secrets: with a user namespace or as `nobody`, the program cannot read the environments of
+  the caller's processes; running as the caller's user without either (a Python under /root
+  where user namespaces are refused, or an unprivileged caller without them), it can.
 
 The child is sandbox_child.py run as `python -I -B sandbox_child.py CONFIG REPORT_FD` (isolated
 mode, a minimal environment, stdin from /dev/null). It reports on a pipe the program never
@@ -65,6 +72,8 @@ _USE_CGROUPS = True
 _CGROUP_V1_PIDS = Path("/sys/fs/cgroup/pids")
 _CGROUP_V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 _CHILD = str(Path(__file__).with_name("sandbox_child.py"))
+_PYTHON = sys.executable
+"""The interpreter that runs the child and the program (tests point it at another one)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +162,7 @@ def _launch(
     try:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", _CHILD, json.dumps(config), str(write_fd)],
+                [_PYTHON, "-I", "-B", _CHILD, json.dumps(config), str(write_fd)],
                 cwd=workdir,
                 env=_child_env(workdir),
                 stdin=subprocess.DEVNULL,

@@ -29,30 +29,67 @@ def _child_main(config: dict[str, Any], report_fd: int) -> NoReturn:
     limits = config["limits"]
     isolation: list[str] = []
     nproc = None
+    drop_to = _unprivileged_ids() if os.geteuid() == 0 else None
+    if drop_to is not None:
+        os.chown(".", *drop_to)  # the program's working dir becomes nobody's
     if config["cgroup"] and _join_cgroup(config["cgroup"]):
         isolation.append("pids-cgroup")
-    elif os.geteuid() != 0:
-        nproc = _user_tasks(os.getuid()) + limits["max_processes"]
+    elif os.geteuid() != 0 or drop_to is not None:
+        nproc = _user_tasks(drop_to[0] if drop_to else os.getuid()) + limits["max_processes"]
         isolation.append("nproc-rlimit")
     else:
         isolation.append("fork-guard")  # Linux ignores RLIMIT_NPROC for root
-    namespaced = config["ns"] and _enter_namespaces(isolation)
+    namespaced = config["ns"] and _enter_namespaces(isolation, drop_to)
+    if drop_to is not None:
+        isolation.append("unprivileged-user")
     isolation += ["write-guard"] if namespaced else ["write-guard", "socket-guard"]
     _report(report_fd, isolation=isolation)
     if not namespaced:
         if "pids-cgroup" in isolation:  # no init of ours in the cgroup: give the program its two
             _write(os.path.join(config["cgroup"], "pids.max"), str(limits["max_processes"]))
-        _run_program(limits, nproc, isolation, report_fd)
+        _run_program(limits, nproc, drop_to, isolation, report_fd)
     init = os.fork()  # pid 1 of the new PID namespace
     if init == 0:
         program = os.fork()
         if program == 0:
-            _run_program(limits, nproc, isolation, report_fd)
+            _run_program(limits, nproc, drop_to, isolation, report_fd)
         _report(report_fd, wait_status=_reap_until(program))
         os._exit(0)  # the kernel now kills every process left in the namespace
     os.close(report_fd)
     os.waitpid(init, 0)
     os._exit(0)  # skip interpreter teardown: ~25 ms per run
+
+
+def _unprivileged_ids() -> tuple[int, int] | None:
+    """(uid, gid) of `nobody`, for root's programs, if nobody can read the standard library
+    the program imports from; None where it cannot (e.g. Python under /root), so the program
+    runs as root rather than failing at its first import."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("nobody")
+        ids = entry.pw_uid, entry.pw_gid
+    except KeyError:
+        ids = 65534, 65534
+    libraries = {os.path.dirname(os.__file__)} | {p for p in sys.path if p.endswith("-dynload")}
+    return ids if all(_others_can_read(path) for path in libraries) else None
+
+
+def _others_can_read(directory: str) -> bool:
+    """Whether a user with no rights of owner or group can list `directory` and reach it."""
+    import stat
+
+    path = os.path.realpath(directory)
+    try:
+        if os.stat(path).st_mode & (stat.S_IROTH | stat.S_IXOTH) != stat.S_IROTH | stat.S_IXOTH:
+            return False
+        while path != os.path.dirname(path):
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & stat.S_IXOTH:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _report(fd: int, **fields: Any) -> None:
@@ -94,13 +131,20 @@ def _unshare(flags: int) -> bool:
     return bool(ctypes.CDLL(None, use_errno=True).unshare(flags) == 0)
 
 
-def _enter_namespaces(isolation: list[str]) -> bool:
+def _enter_namespaces(isolation: list[str], drop_to: tuple[int, int] | None) -> bool:
     """New user + PID + network namespaces (for root, PID + network if user ones are refused).
 
     A process cannot map root into its own new user namespace (Linux >= 5.12 wants CAP_SETFCAP
     in the parent namespace), so a helper forked beforehand, still outside, writes the maps.
+    `drop_to` (root's case) is mapped too, so the program can become that user inside; only a
+    privileged writer may map two ids, and it may leave setgroups allowed, which the program
+    needs to shed root's groups.
     """
     uid, gid = os.getuid(), os.getgid()
+    uid_map, gid_map = f"{uid} {uid} 1", f"{gid} {gid} 1"
+    if drop_to is not None:
+        uid_map += f"\n{drop_to[0]} {drop_to[0]} 1"
+        gid_map += f"\n{drop_to[1]} {drop_to[1]} 1"
     go_r, go_w = os.pipe()
     helper = os.fork()
     if helper == 0:
@@ -108,9 +152,10 @@ def _enter_namespaces(isolation: list[str]) -> bool:
         target, code = os.getppid(), 0
         if os.read(go_r, 1) == b"1":
             try:
-                _write(f"/proc/{target}/setgroups", "deny")
-                _write(f"/proc/{target}/uid_map", f"{uid} {uid} 1")
-                _write(f"/proc/{target}/gid_map", f"{gid} {gid} 1")
+                if drop_to is None:
+                    _write(f"/proc/{target}/setgroups", "deny")
+                _write(f"/proc/{target}/uid_map", uid_map)
+                _write(f"/proc/{target}/gid_map", gid_map)
             except OSError as e:
                 print(f"sandbox: mapping ids into the user namespace failed: {e}", file=sys.stderr)
                 code = 1
@@ -139,10 +184,20 @@ def _reap_until(pid: int) -> int:
 
 
 def _run_program(
-    limits: dict[str, int], nproc: int | None, isolation: list[str], report_fd: int
+    limits: dict[str, int],
+    nproc: int | None,
+    drop_to: tuple[int, int] | None,
+    isolation: list[str],
+    report_fd: int,
 ) -> NoReturn:
     """In the process that becomes the program: guards, limits, then the program itself."""
     try:
+        with open(PROGRAM, encoding="utf-8") as f:
+            source = f.read()  # before giving up root: the file may be root's alone
+        if drop_to is not None:
+            os.setgroups([])
+            os.setgid(drop_to[1])
+            os.setuid(drop_to[0])  # real, effective and saved: no way back, no capabilities
         _guard_writes(os.getcwd())
         if "socket-guard" in isolation:
             _guard_network()
@@ -154,7 +209,7 @@ def _run_program(
     except BaseException:
         traceback.print_exc()
         os._exit(1)  # not "ready": the caller raises instead of scoring a failure
-    code = _execute(PROGRAM)
+    code = _execute(PROGRAM, source)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -277,15 +332,13 @@ def _guard_processes() -> None:
     setattr(subprocess, "_fork_exec", refuse)  # noqa: B010 (3.11+ binds it at import)
 
 
-def _execute(path: str) -> int:
-    """Run the file as `python path` would, in a fresh __main__; the exit code it ends with."""
+def _execute(path: str, source: str) -> int:
+    """Run source as `python path` would, in a fresh __main__; the exit code it ends with."""
     main = types.ModuleType("__main__")
     main.__file__ = path
     sys.modules["__main__"] = main
     sys.argv = [path]
     try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
         exec(compile(source, path, "exec"), main.__dict__)
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
