@@ -64,15 +64,16 @@ gate/up each save their own bf16 cast of the normed input (2·2d + 2d), measured
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False) -> int:
     """Bytes one block saves for its backward per token, bf16 compute without checkpointing:
-    (14·d + 4·kv + 4·f + 4·H + 8), d = d_model, kv = num_kv_heads·head_dim, f = d_ff,
+    (12·d + 4·kv + 4·f + 4·H + 8), d = d_model, kv = num_kv_heads·head_dim, f = d_ff,
     H = num_heads; with `autocast` (fp32 weights, bf16 matmuls) 10·d more.
 
     Counted tensor by tensor (bf16 = 2 bytes unless noted):
       each of the two RMSNorms: its input (2d) and fp32 1/rms (4) → 4d + 8 (model/fused.py
       recomputes the normalised tensor); the q/k/v projections' input (2d); the attention
       kernel's q (2d), k and v (2·2kv), output (2d) and fp32 log-sum-exp per head (4H), with
-      a fused (flash / efficient) kernel, so no T×T score matrix is stored; the o_proj input,
-      a contiguous copy of that output (2d); the gate/up projections' input (2d); SwiGLU's
+      a fused (flash / efficient / flex) kernel, so no T×T score matrix is stored; that output
+      is token-major, so o_proj's input is a view of it, not a copy (CPU's split kernel for
+      packed rows copies it: 2d more there); the gate/up projections' input (2d); SwiGLU's
       gate and up (2·2f; their product is recomputed for down_proj's gradient).
     Cf. Korthikanti et al. 2022 (arXiv:2205.05198) §4, who count 34·h per token for a GPT layer
     with a 4h MLP, dropout and no fused attention.
@@ -80,7 +81,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False) -
     d, f = cfg.d_model, cfg.d_ff
     kv = cfg.num_kv_heads * cfg.head_dim
     extra = AUTOCAST_EXTRA_PER_LAYER * d if autocast else 0
-    return 14 * d + 4 * kv + 4 * f + 4 * cfg.num_heads + 8 + extra
+    return 12 * d + 4 * kv + 4 * f + 4 * cfg.num_heads + 8 + extra
 
 
 def checkpointed_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False) -> int:
@@ -90,10 +91,11 @@ def checkpointed_bytes_per_token_layer(cfg: ModelConfig, autocast: bool = False)
 
 
 def head_bytes_per_token(cfg: ModelConfig, autocast: bool = False) -> int:
-    """Saved outside the blocks: the token ids the embedding's backward keeps (8), the final
+    """Saved outside the blocks: the token ids the embedding's backward keeps (8), the RoPE
+    cos and sin tables in bf16 that every block's q and k share (2·2·head_dim), the final
     RMSNorm's input (2·d; 4·d in fp32 under autocast) and 1/rms (4), and the hidden state's
     gradient, which the fused loss computes in the forward and keeps for the backward (2·d)."""
-    return (6 if autocast else 4) * cfg.d_model + 12
+    return (6 if autocast else 4) * cfg.d_model + 4 * cfg.head_dim + 12
 
 
 def checkpointed_layers(cfg: ModelConfig, mode: Checkpointing, every: int) -> int:
@@ -394,7 +396,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     notes = [f"- {s.name}: {n}" for s in plan.stages for n in s.notes]
     legend = (
         "GB per GPU; states = 16 B/param sharded over the GPUs; activations per micro-batch "
-        "(bytes per token per block: (14·d + 4·kv + 4·f + 4·H + 8) without, 2·d with "
+        "(bytes per token per block: (12·d + 4·kv + 4·f + 4·H + 8) without, 2·d with "
         "checkpointing); "
         "FLOPs/token = 6N + 12·L·d·T (PaLM's count; document masking does less attention "
         "work); time = FLOPs / (GPUs × peak × MFU)."

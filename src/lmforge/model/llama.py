@@ -18,7 +18,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.fused import rms_norm, swiglu_down
 from lmforge.model.linear import Linear
 from lmforge.model.loss import linear_cross_entropy
-from lmforge.model.rope import rope_cos_sin
+from lmforge.model.rope import compute_dtype, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -149,6 +149,10 @@ class Llama(nn.Module):
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        # in q's dtype once, not in each block: there every q and k saved its own casts for the
+        # backward (8·head_dim bytes per token and block in bf16)
+        dtype = compute_dtype(x)
+        cos, sin = cos.to(dtype), sin.to(dtype)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
         if cache is not None:

@@ -25,12 +25,19 @@ def rope_cos_sin(
     return angles.cos(), angles.sin()
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype that projections of x come out in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by tables (B, T, D), in x's dtype."""
+    """Rotate x (B, H, T, D) by tables (B, T, D), in x's dtype (tables already in it are not
+    copied)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D)
     return x * cos + rotate_half(x) * sin
