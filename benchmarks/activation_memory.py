@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402
 
 from lmforge.model import llama  # noqa: E402
-from lmforge.train.loop import auto_loss_chunk  # noqa: E402
+from lmforge.train.config import auto_loss_chunk  # noqa: E402
 
 
 @contextlib.contextmanager

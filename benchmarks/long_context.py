@@ -166,7 +166,7 @@ def main() -> None:
     if args.what == "attention":
         bench_attention(args.T, args.repeats)
     else:
-        from lmforge.train.loop import auto_loss_chunk
+        from lmforge.train.config import auto_loss_chunk
 
         chunk = args.loss_chunk if args.loss_chunk is not None else auto_loss_chunk(args.vocab)
         bench_steps([int(x) for x in args.lengths.split(",")], args.vocab, chunk)

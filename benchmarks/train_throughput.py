@@ -197,7 +197,7 @@ def build_litgpt(ours: torch.nn.Module, block_size: int = SEQ_LEN) -> tuple[torc
 
 
 def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
-    from lmforge.train.loop import auto_loss_chunk
+    from lmforge.train.config import auto_loss_chunk
     from lmforge.train.optim import OptimConfig, build_optimizer
 
     ocfg = OptimConfig()
@@ -238,7 +238,7 @@ def checkpointed_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Te
     """Summed cross-entropy in chunks under activation checkpointing (logits recomputed)."""
     from torch.utils.checkpoint import checkpoint
 
-    from lmforge.train.loop import auto_loss_chunk
+    from lmforge.train.config import auto_loss_chunk
 
     def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(h, head).float(), y, reduction="sum")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from lmforge.model.config import ModelConfig
 from lmforge.recipe import Recipe
-from lmforge.train.loop import auto_loss_chunk, grad_accum_steps
+from lmforge.train.config import auto_loss_chunk, grad_accum_steps
 from lmforge.train.stages import Stage
 
 Checkpointing = Literal["none", "full", "every"]

@@ -25,8 +25,8 @@ from lmforge.data.tokenizer import TokenizerConfig
 from lmforge.eval.perplexity import EvalConfig
 from lmforge.generate import GenerateConfig
 from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.guard import GuardConfig
-from lmforge.train.loop import TrainConfig
 from lmforge.train.optim import OptimConfig
 from lmforge.train.parallelize import ParallelConfig
 from lmforge.train.schedule import ScheduleConfig

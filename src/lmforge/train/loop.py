@@ -1,10 +1,10 @@
-"""The training loop in one function: batch, forward, loss, backward, clip, step, log, eval, save.
+"""The training loop: batch, forward, loss, backward, clip, step, guard, log, eval, save.
 
 Global `batch_tokens` is the math; the gradient-accumulation count is derived from it, the
 micro-batch size, the sequence length and the world size. The loss of a step is the mean over
 all its target tokens on all ranks (summed per micro-batch, divided by the step's global
 total), so 4 micro-batches of 1 row equal 1 micro-batch of 4 rows, and 2 ranks equal 1.
-Distribution itself lives in parallelize.py; under torchrun every rank runs this function.
+Distribution itself lives in parallelize.py; under torchrun every rank runs `train`.
 At a stage boundary (stages.py) the row length, micro-batch, accumulation and RoPE base switch
 between two steps; the data stream continues where it was.
 """
@@ -16,9 +16,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -40,7 +40,7 @@ from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
 from lmforge.perf import autocast_dtype, measure_matmul_peak
-from lmforge.ranges import check_ranges
+from lmforge.train.config import TrainConfig, auto_loss_chunk, grad_accum_steps
 from lmforge.train.guard import GuardConfig, GuardError, SpikeGuard
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.parallelize import (
@@ -72,78 +72,6 @@ class BatchSource(Protocol):
     def consumed_tokens(self) -> dict[str, list[int]]: ...
 
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    max_tokens: int = 1_200_000
-    """Training budget in tokens (inputs seen, padding included); with `stages`, their budgets
-    sum to the total instead."""
-    batch_tokens: int = 2048
-    """Global tokens per optimizer step; must be a multiple of micro_batch_size·seq_len·world.
-    The demo's small value buys steps: at 1.2M tokens, 2,048 reaches a held-out loss 0.46 lower
-    than 8,192 (benchmarks/RESULTS.md)."""
-    micro_batch_size: int = 8
-    """Rows per forward/backward on each rank."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 autocast with fp32 weights, gradients and loss reduction; plain fp32; or auto:
-    bf16 where its matmuls are faster than fp32 here (GPUs, CPUs with AVX512-BF16/AMX)."""
-    compile: bool = False
-    """torch.compile the training step (per block under FSDP/DDP)."""
-    loss_chunk_tokens: int | None = None
-    """Cross-entropy this many tokens at a time (each chunk's gradient computed with its
-    logits) once a micro-batch holds more, so full fp32 logits never exist at long T; None: as
-    many as keep one chunk's logits under 2^24 values (64 MB in fp32); 0: all at once."""
-    device: str = "auto"
-    """'auto' (cuda if present, else cpu), or a torch device string."""
-    save_every_steps: int = 100
-    """Checkpoint every this many steps, and always at the end."""
-    keep_last: int = 2
-    """Completed checkpoints to keep."""
-    async_save: bool = False
-    """Write the optimizer state in a background thread while training continues (finished,
-    checksummed and renamed into place before the next save and at the end)."""
-    save_consolidated: bool = True
-    """Also gather the full weights into model.safetensors on rank 0 at each save; off, only
-    the sharded state is written (eval/export read it in one process)."""
-    keep_best: bool = False
-    """Also keep the checkpoint with the lowest held-out loss among those scored at the newest
-    scored one's seq_len (save on eval steps to score every checkpoint: eval.every_steps =
-    save_every_steps)."""
-    log_every_steps: int = 10
-    """Log a line every this many steps (every step goes to metrics.jsonl)."""
-    init_from: str | None = None
-    """Continual pretraining: start from the weights of one of our checkpoints (a step_*
-    folder, or a run dir for its latest) or a Hugging Face Llama folder (config.json +
-    model.safetensors) instead of a random init; optimizer and data start fresh, and the
-    recipe's stages set RoPE base and lengths."""
-    stop_at_step: int | None = None
-    """End this job at this step (after a checkpoint), e.g. to fit a time-limited allocation;
-    `--resume` continues with the same schedule. None or 0: run to the end."""
-
-    def __post_init__(self) -> None:
-        check_ranges(
-            self,
-            positive=("max_tokens", "batch_tokens", "micro_batch_size", "save_every_steps"),
-            non_negative=("loss_chunk_tokens", "keep_last"),
-        )
-        check_ranges(self, positive=("log_every_steps",), non_negative=("stop_at_step",))
-
-
-def auto_loss_chunk(vocab_size: int) -> int:
-    """Tokens per cross-entropy chunk whose logits stay under 2^24 values."""
-    return max(1, 2**24 // vocab_size)
-
-
-def grad_accum_steps(stage: Stage, world: int) -> int:
-    per_pass = stage.micro_batch_size * stage.seq_len * world
-    if stage.batch_tokens % per_pass:
-        raise ValueError(
-            f"stage {stage.name!r}: batch_tokens {stage.batch_tokens} is not a multiple of "
-            f"micro_batch_size {stage.micro_batch_size} × seq_len {stage.seq_len} × world "
-            f"{world} = {per_pass}"
-        )
-    return stage.batch_tokens // per_pass
-
-
 def train(
     model: Llama,
     loader: BatchSource,
@@ -161,210 +89,289 @@ def train(
     """Train through the stages; return the per-step metric records of this call (rank 0
     writes metrics and logs; every rank returns its records). `evaluate(model, seq_len)` gives
     held-out metrics at the current row length."""
-    parallel = parallel or ParallelConfig()
-    guard = SpikeGuard(guard_cfg or GuardConfig())
-    device = resolve_device(cfg.device)
-    world = world_size()
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    model.to(device).train()
-    forward = parallelize(model, parallel, amp_dtype, cfg.compile)
-    step_amp = amp_dtype if uses_autocast(parallel) else None  # FSDP casts parameters itself
-    optimizer = build_optimizer(model, optim_cfg)
-    for stage in stages:
-        grad_accum_steps(stage, world)  # a misfit batch of a later stage fails now, not then
-    loss_chunk = cfg.loss_chunk_tokens
-    if loss_chunk is None:
-        loss_chunk = auto_loss_chunk(model.cfg.vocab_size)
-    last_step = total_steps(stages)
-    ckpt_dir = checkpoint_dir(run_dir)
-    # the peak's test matrices draw random numbers: before the RNG is set to the checkpoint's
-    peak = measure_matmul_peak(amp_dtype or torch.float32, device) * world
-    step, tokens = _restore(ckpt_dir, resume, model, optimizer, loader, guard)
-    if tokens != tokens_at_step(stages, step):  # the loop counts steps, the stages tokens
-        raise ValueError(
-            f"{ckpt_dir}: the checkpoint is at step {step} after {tokens} tokens, where this"
-            f" recipe's stages put {tokens_at_step(stages, step)}: batch_tokens or the stages"
-            " changed since the run began. Resume with its recipe (in the checkpoint's"
-            " trainer.json; adding tokens at the end is fine), or start a new run_dir"
-        )
-    if rank() == 0:  # records past the checkpoint are redone
-        _truncate_jsonl(run_dir / "metrics.jsonl", step)
-        _truncate_jsonl(run_dir / "events.jsonl", step)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl") if rank() == 0 else None
-    records: list[dict[str, Any]] = []
-    end_step = min(last_step, cfg.stop_at_step or last_step)
-    bar = progress(last_step, "pretrain", initial=step, unit="step")
-    active: Stage | None = None
-    batches: Iterator[PackedBatch] = iter(())
-    pending: PendingCheckpoint | None = None
+    trainer = _Trainer(
+        model, loader, cfg, optim_cfg, stages, run_dir, recipe, evaluate, eval_every_steps,
+        parallel or ParallelConfig(), SpikeGuard(guard_cfg or GuardConfig()),
+    )  # fmt: skip
+    trainer.restore(resume)
+    return trainer.run()
 
-    def save(
-        record: dict[str, Any] | None = None, data_exhausted: bool = False
-    ) -> PendingCheckpoint | None:
+
+class _Trainer:
+    """One call of `train`: what the loop carries from step to step, and what a step does."""
+
+    def __init__(
+        self,
+        model: Llama,
+        loader: BatchSource,
+        cfg: TrainConfig,
+        optim_cfg: OptimConfig,
+        stages: tuple[Stage, ...],
+        run_dir: Path,
+        recipe: dict[str, Any],
+        evaluate: Callable[[Llama, int], dict[str, float]] | None,
+        eval_every_steps: int,
+        parallel: ParallelConfig,
+        guard: SpikeGuard,
+    ) -> None:
+        self.model, self.loader, self.cfg, self.optim_cfg = model, loader, cfg, optim_cfg
+        self.stages, self.run_dir, self.recipe, self.guard = stages, run_dir, recipe, guard
+        self.evaluate, self.eval_every_steps = evaluate, eval_every_steps
+        self.device = resolve_device(cfg.device)
+        self.world = world_size()
+        amp_dtype = autocast_dtype(cfg.precision, self.device)
+        model.to(self.device).train()
+        self.forward = parallelize(model, parallel, amp_dtype, cfg.compile)
+        # FSDP casts parameters itself; the rest run under autocast
+        self.step_amp = amp_dtype if uses_autocast(parallel) else None
+        self.optimizer = build_optimizer(model, optim_cfg)
+        for stage in stages:
+            grad_accum_steps(stage, self.world)  # a misfit batch of a later stage fails now
+        chunk = cfg.loss_chunk_tokens
+        self.loss_chunk = auto_loss_chunk(model.cfg.vocab_size) if chunk is None else chunk
+        self.last_step = total_steps(stages)
+        self.end_step = min(self.last_step, cfg.stop_at_step or self.last_step)
+        self.ckpt_dir = checkpoint_dir(run_dir)
+        # the peak's test matrices draw random numbers: before the RNG is set to the checkpoint's
+        self.peak = measure_matmul_peak(amp_dtype or torch.float32, self.device) * self.world
+        self.step = self.tokens = 0
+        self.records: list[dict[str, Any]] = []
+        self.metrics: MetricsWriter | None = None
+        self.pending: PendingCheckpoint | None = None
+        self.active: Stage | None = None
+        self.batches: Iterator[PackedBatch] = iter(())
+        self.accum = 0
+
+    def restore(self, resume: bool) -> None:
+        """Start from the newest good checkpoint (--resume) or step 0; drop the records past it."""
+        step, tokens = _restore(
+            self.ckpt_dir, resume, self.model, self.optimizer, self.loader, self.guard
+        )
+        expected = tokens_at_step(self.stages, step)
+        if tokens != expected:  # the loop counts steps, the stages tokens
+            raise ValueError(
+                f"{self.ckpt_dir}: the checkpoint is at step {step} after {tokens} tokens, where"
+                f" this recipe's stages put {expected}: batch_tokens or the stages changed since"
+                " the run began. Resume with its recipe (in the checkpoint's trainer.json;"
+                " adding tokens at the end is fine), or start a new run_dir"
+            )
+        self.step, self.tokens = step, tokens
+        if rank() == 0:  # records past the checkpoint are redone
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+            _truncate_jsonl(self.run_dir / "events.jsonl", step)
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+
+    def run(self) -> list[dict[str, Any]]:
+        self.bar = progress(self.last_step, "pretrain", initial=self.step, unit="step")
+        try:
+            while self.step < self.end_step and self._train_step():
+                pass
+        except BaseException as e:
+            # A checkpoint already written is put in place where every rank stops alike (one
+            # process, or the guard's verdict, computed from reduced values): finishing is safe.
+            if self.pending is not None and (self.world == 1 or isinstance(e, GuardError)):
+                try:
+                    self.pending.finish()
+                except Exception:
+                    log.exception("the checkpoint in flight could not be finished")
+            self._close()
+            raise
+        if self.pending is not None:
+            self.pending.finish()
+        self._close()
+        return self.records
+
+    def _train_step(self) -> bool:
+        """One optimizer step (or a guard's skip or rewind); False once the data is used up."""
+        stage = self._enter(stage_at(self.stages, self.tokens))
+        if self.pending is not None and not all_reduce_sum(
+            float(not self.pending.written), self.device
+        ):
+            self.pending.finish()  # every rank's files are written: in place now, not at the
+            self.pending = None  # next save (a kill until then would lose it)
+        t0 = time.perf_counter()
+        # the schedule at the middle of the step's tokens: the first step does not train at
+        # lr 0 (warmup's start), nor the last at the end of a cooldown to 0
+        lr = stage.lr_at(self.tokens + stage.batch_tokens // 2) * self.guard.lr_scale
+        rows_before, loader_before = self.loader.rows, self.loader.state_dict()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = list(itertools.islice(self.batches, self.accum))
+        rows = sum(len(b.input_ids) for b in micro)
+        short = len(micro) < self.accum or rows < self.accum * stage.micro_batch_size
+        if all_reduce_sum(float(short), self.device):  # data used up (on any rank)
+            self._stop_at_data_end(stage, loader_before)
+            return False
+        loss_sum = _accumulate_gradients(
+            self.forward, micro, self.device, self.step_amp, self.loss_chunk
+        )
+        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model, clip)
+        event = self.guard.check(loss_sum, grad_norm)
+        taken = event is None or event["kind"] == "level_shift"
+        if taken:
+            self.optimizer.step()
+            self.guard.accept(loss_sum, grad_norm, level_shift=event is not None)
+        self.optimizer.zero_grad(set_to_none=True)
+        if event is not None:
+            event = {
+                "step": self.step + 1,
+                "tokens": self.tokens,
+                "stage": stage.name,
+                **event,
+                "loss": loss_sum,
+                "grad_norm": grad_norm,
+                "action": "accept" if taken else self.guard.cfg.action,
+                "rows": [rows_before, self.loader.rows],
+            }
+            if self._act_on(event, taken):
+                return True  # rewound: the steps after the checkpoint are trained again
+        self.step += 1
+        self.tokens += stage.batch_tokens
+        dt = time.perf_counter() - t0
+        flops = self.model.cfg.flops_per_token(stage.seq_len) * stage.batch_tokens
+        record: dict[str, Any] = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": loss_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tok_per_s": stage.batch_tokens / dt,
+            "mfu": flops / dt / self.peak,
+            "seq_len": stage.seq_len,
+            "stage": stage.name,
+            **({"guard": event["kind"]} if event is not None else {}),
+            "rope_theta": stage.rope_theta,
+        }
+        self._log(record, stage)
+        if self.step % self.cfg.save_every_steps == 0 or self.step == self.end_step:
+            self._save(record)
+        return True
+
+    def _enter(self, stage: Stage) -> Stage:
+        """At a stage's first step (or after a rewind): its rows, RoPE base, batch iterator."""
+        if stage != self.active:
+            if self.active is not None:
+                log.info(
+                    "stage %r begins at step %d (%d tokens)", stage.name, self.step, self.tokens
+                )
+            enter_stage(self.model, self.loader, stage)
+            self.batches = iter(self.loader)
+            self.accum = grad_accum_steps(stage, self.world)
+            self.active = stage
+        return stage
+
+    def _stop_at_data_end(self, stage: Stage, loader_before: dict[str, Any]) -> None:
+        """A part of a batch is not trained on (its step would count a whole batch_tokens):
+        the checkpoint's loader stands where the last step left it, and says the data ran out."""
+        self.loader.load_state_dict(loader_before)
+        log.warning("data exhausted after step %d (%d tokens): stopping", self.step, self.tokens)
+        last = _record_of(self.step, self.records, self.run_dir / "metrics.jsonl")
+        if self.evaluate is not None and last is not None and "val_loss" not in last:
+            if last["stage"] == stage.name:  # the model is as it was at that step
+                last.update(self.evaluate(self.model, stage.seq_len))  # the end gets its eval
+                if self.metrics is not None:
+                    self.metrics.rewrite_last(last)
+        if self.step > 0:  # saved again if need be
+            self._save(last, data_exhausted=True)
+
+    def _act_on(self, event: dict[str, Any], taken: bool) -> bool:
+        """Record a guard event and apply its action; True if it rewound to a checkpoint."""
+        if not taken:
+            self.guard.record_event()
+        if event["action"] == "skip_batches":
+            for _ in range(self.guard.cfg.skip_next * self.accum):
+                next(self.batches, None)
+            event["rows"][1] = self.loader.rows
+        elif event["action"] == "rewind":
+            if self.pending is not None:
+                self.pending.finish()
+                self.pending = None
+            rewound = rewind(
+                self.ckpt_dir,
+                self.model,
+                self.optimizer,
+                self.loader,
+                self.guard,
+                self.cfg.save_every_steps,
+            )
+            if rewound is not None:
+                self.step, self.tokens = rewound
+                event["rewound_to_step"] = self.step
+        log.warning("loss-spike guard: %s", json.dumps(event))
+        if rank() == 0:
+            with (self.run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+        if "rewound_to_step" not in event:
+            return False
+        if self.metrics is not None:  # the steps after the checkpoint are redone
+            self.metrics.close()
+            _truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+            self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.records = [r for r in self.records if r["step"] <= self.step]
+        self.bar.n = self.step
+        self.bar.refresh()
+        self.active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
+        return True
+
+    def _log(self, record: dict[str, Any], stage: Stage) -> None:
+        """Evaluate where due; write the record, the progress bar and, every few steps, a line."""
+        step, cfg = self.step, self.cfg
+        if self.evaluate is not None and (
+            step == self.last_step or (self.eval_every_steps and step % self.eval_every_steps == 0)
+        ):
+            record.update(self.evaluate(self.model, stage.seq_len))
+        if step % cfg.log_every_steps == 0 or step == self.last_step:
+            record["tokens_by_source"] = {
+                name: sum(per_epoch) for name, per_epoch in self.loader.consumed_tokens().items()
+            }
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.records.append(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+        if step % cfg.log_every_steps == 0 or step == self.last_step or "val_loss" in record:
+            log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+
+    def _save(self, record: dict[str, Any] | None = None, data_exhausted: bool = False) -> None:
         """Start a checkpoint (scored by the step's record's val_loss, if it has one). A
-        synchronous one is in place when this returns; an asynchronous one is returned, and put
-        in place once every rank has written its files."""
-        if pending is not None:  # one save in flight at a time
-            pending.finish()
+        synchronous one is in place when this returns; an asynchronous one is kept pending,
+        and put in place once every rank has written its files."""
+        if self.pending is not None:  # one save in flight at a time
+            self.pending.finish()
+            self.pending = None
         val_loss = record.get("val_loss") if record else None
         val_seq_len = record["seq_len"] if val_loss is not None and record else None
         state = TrainerState(
-            step,
-            tokens,
-            loader.state_dict(),
-            recipe,
+            self.step,
+            self.tokens,
+            self.loader.state_dict(),
+            self.recipe,
             val_loss,
-            guard.state_dict(),
+            self.guard.state_dict(),
             val_seq_len,
             data_exhausted,
         )
-        args = (ckpt_dir, model, optimizer, state, cfg.keep_last, cfg.keep_best, cfg.async_save)
-        started = start_checkpoint(*args, consolidate=cfg.save_consolidated)
-        if not cfg.async_save:
+        cfg = self.cfg
+        started = start_checkpoint(
+            self.ckpt_dir,
+            self.model,
+            self.optimizer,
+            state,
+            cfg.keep_last,
+            cfg.keep_best,
+            cfg.async_save,
+            consolidate=cfg.save_consolidated,
+        )
+        if cfg.async_save:
+            self.pending = started
+        else:
             started.finish()
-            return None
-        return started
 
-    try:
-        while step < end_step:
-            stage = stage_at(stages, tokens)
-            if stage != active:
-                if active is not None:
-                    log.info("stage %r begins at step %d (%d tokens)", stage.name, step, tokens)
-                enter_stage(model, loader, stage)
-                batches = iter(loader)
-                accum = grad_accum_steps(stage, world)
-                active = stage
-            if pending is not None and not all_reduce_sum(float(not pending.written), device):
-                pending.finish()  # every rank's files are written: in place now, not at the
-                pending = None  # next save (a kill until then would lose it)
-            t0 = time.perf_counter()
-            # the schedule at the middle of the step's tokens: the first step does not train
-            # at lr 0 (warmup's start), nor the last at the end of a cooldown to 0
-            lr = stage.lr_at(tokens + stage.batch_tokens // 2) * guard.lr_scale
-            rows_before, loader_before = loader.rows, loader.state_dict()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = list(itertools.islice(batches, accum))
-            short = len(micro) < accum or sum(len(b.input_ids) for b in micro) < accum * (
-                stage.micro_batch_size
-            )
-            if all_reduce_sum(float(short), device):  # data used up (on any rank): a part of a
-                # batch is not trained on (its step would count a whole batch_tokens); the
-                # checkpoint's loader stands where the last step left it
-                loader.load_state_dict(loader_before)
-                log.warning("data exhausted after step %d (%d tokens): stopping", step, tokens)
-                last = _record_of(step, records, run_dir / "metrics.jsonl")
-                if evaluate is not None and last is not None and "val_loss" not in last:
-                    if last["stage"] == stage.name:  # the model is as it was at that step
-                        last.update(evaluate(model, stage.seq_len))  # the end gets its eval
-                        if metrics is not None:
-                            metrics.rewrite_last(last)
-                if step > 0:  # saved again if need be: the checkpoint says the data ran out
-                    pending = save(last, data_exhausted=True)
-                break
-            loss_sum = _accumulate_gradients(forward, micro, device, step_amp, loss_chunk)
-            clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-            grad_norm = clip_grad_norm(model, clip)
-            event = guard.check(loss_sum, grad_norm)
-            taken = event is None or event["kind"] == "level_shift"
-            if taken:
-                optimizer.step()
-                guard.accept(loss_sum, grad_norm, level_shift=event is not None)
-            optimizer.zero_grad(set_to_none=True)
-            if event is not None:
-                event = {
-                    "step": step + 1,
-                    "tokens": tokens,
-                    "stage": stage.name,
-                    **event,
-                    "loss": loss_sum,
-                    "grad_norm": grad_norm,
-                    "action": "accept" if taken else guard.cfg.action,
-                    "rows": [rows_before, loader.rows],
-                }
-                if not taken:
-                    guard.record_event()
-                if event["action"] == "skip_batches":
-                    for _ in range(guard.cfg.skip_next * accum):
-                        next(batches, None)
-                    event["rows"][1] = loader.rows
-                elif event["action"] == "rewind":
-                    if pending is not None:
-                        pending.finish()
-                        pending = None
-                    rewound = rewind(
-                        ckpt_dir, model, optimizer, loader, guard, cfg.save_every_steps
-                    )
-                    if rewound is not None:
-                        step, tokens = rewound
-                        event["rewound_to_step"] = step
-                log.warning("loss-spike guard: %s", json.dumps(event))
-                if rank() == 0:
-                    with (run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
-                        f.write(json.dumps(event) + "\n")
-                if "rewound_to_step" in event:
-                    if metrics is not None:  # the steps after the checkpoint are redone
-                        metrics.close()
-                        _truncate_jsonl(run_dir / "metrics.jsonl", step)
-                        metrics = MetricsWriter(run_dir / "metrics.jsonl")
-                    records = [r for r in records if r["step"] <= step]
-                    bar.n = step
-                    bar.refresh()
-                    active = None  # re-enter the stage: rows, RoPE base, a fresh batch iterator
-                    continue
-            step += 1
-            step_tokens = stage.batch_tokens
-            tokens += step_tokens
-            dt = time.perf_counter() - t0
-            record: dict[str, Any] = {
-                "step": step,
-                "tokens": tokens,
-                "loss": loss_sum,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tok_per_s": step_tokens / dt,
-                "mfu": model.cfg.flops_per_token(stage.seq_len) * step_tokens / dt / peak,
-                "seq_len": stage.seq_len,
-                "stage": stage.name,
-                **({"guard": event["kind"]} if event is not None else {}),
-                "rope_theta": stage.rope_theta,
-            }
-            if evaluate is not None and (
-                step == last_step or (eval_every_steps and step % eval_every_steps == 0)
-            ):
-                record.update(evaluate(model, stage.seq_len))
-            if step % cfg.log_every_steps == 0 or step == last_step:
-                record["tokens_by_source"] = {
-                    name: sum(per_epoch) for name, per_epoch in loader.consumed_tokens().items()
-                }
-            if metrics is not None:
-                metrics.write(record)
-            records.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
-            if step % cfg.log_every_steps == 0 or step == last_step or "val_loss" in record:
-                log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-            if step % cfg.save_every_steps == 0 or step == end_step:
-                pending = save(record)
-    except BaseException as e:
-        # A checkpoint already written is put in place where every rank stops alike (one
-        # process, or the guard's verdict, computed from reduced values): finishing is safe.
-        if pending is not None and (world == 1 or isinstance(e, GuardError)):
-            try:
-                pending.finish()
-            except Exception:
-                log.exception("the checkpoint in flight could not be finished")
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        raise
-    if pending is not None:
-        pending.finish()
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    return records
+    def _close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def _restore(
