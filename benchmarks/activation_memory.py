@@ -78,7 +78,7 @@ def saved_by_module(v: tt.Variant, doc_len: float) -> tuple[int, collections.Cou
         return t
 
     ids, labels, positions = tt.make_batch(v, doc_len)
-    chunk = auto_loss_chunk(tt.REF["vocab_size"])
+    chunk = auto_loss_chunk(tt.REF["vocab_size"], "cpu")
     amp = v.dtype == "bf16"
     with (
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),

@@ -168,7 +168,9 @@ def main() -> None:
     else:
         from lmforge.train.config import auto_loss_chunk
 
-        chunk = args.loss_chunk if args.loss_chunk is not None else auto_loss_chunk(args.vocab)
+        chunk = (
+            args.loss_chunk if args.loss_chunk is not None else auto_loss_chunk(args.vocab, "cpu")
+        )
         bench_steps([int(x) for x in args.lengths.split(",")], args.vocab, chunk)
 
 

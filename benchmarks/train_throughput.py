@@ -218,7 +218,7 @@ def make_step(v: Variant, model: torch.nn.Module, doc_len: float):
             hidden = fwd.hidden_states(ids, positions)
             return checkpointed_loss(hidden, fwd.lm_head.weight, labels) / labels.numel()
         else:  # what lmforge's trainer calls: the fused, chunked head loss (summed)
-            chunk = auto_loss_chunk(REF["vocab_size"])
+            chunk = auto_loss_chunk(REF["vocab_size"], "cpu")
             return fwd(ids, positions, labels=labels, loss_chunk_tokens=chunk) / labels.numel()
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
@@ -243,7 +243,7 @@ def checkpointed_loss(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Te
     def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(F.linear(h, head).float(), y, reduction="sum")
 
-    chunk = auto_loss_chunk(REF["vocab_size"])
+    chunk = auto_loss_chunk(REF["vocab_size"], "cpu")
     pieces = zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk), strict=True)
     return sum(checkpoint(piece, h, y, use_reentrant=False) for h, y in pieces)
 

@@ -288,7 +288,7 @@ def _plan_stage(
     cfg, every, strategy = recipe.model, recipe.parallel.checkpoint_every, _strategy(recipe, gpus)
     chunk = recipe.train.loss_chunk_tokens
     if chunk is None:
-        chunk = auto_loss_chunk(cfg.vocab_size)
+        chunk = auto_loss_chunk(cfg.vocab_size, "cuda")
     try:
         accum: int | None = grad_accum_steps(stage, gpus)  # the trainer's own rule
         error = None

@@ -128,7 +128,9 @@ class _Trainer:
         for stage in stages:
             grad_accum_steps(stage, self.world)  # a misfit batch of a later stage fails now
         chunk = cfg.loss_chunk_tokens
-        self.loss_chunk = auto_loss_chunk(model.cfg.vocab_size) if chunk is None else chunk
+        self.loss_chunk = (
+            auto_loss_chunk(model.cfg.vocab_size, self.device.type) if chunk is None else chunk
+        )
         self.last_step = total_steps(stages)
         self.end_step = min(self.last_step, cfg.stop_at_step or self.last_step)
         self.ckpt_dir = checkpoint_dir(run_dir)
