@@ -26,8 +26,11 @@ def rope_cos_sin(
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype that projections of x come out in: autocast's where it is on, else x's."""
+    """The dtype that projections of x come out in: autocast's where it is on (it leaves fp64
+    alone), else x's."""
     device = x.device.type
+    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):  # e.g. meta
+        return x.dtype
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
