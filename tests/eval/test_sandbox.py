@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -303,7 +304,7 @@ def test_root_without_pids_cgroup_gets_no_processes(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sandbox, "_USE_CGROUPS", False)
     for program in ["import os\nos.fork()", "import subprocess\nsubprocess.run(['true'])"]:
         result = run(program)
-        if "unprivileged-user" in result.isolation:  # nobody has a process limit that works
+        if "unprivileged-user" in result.isolation:  # its own user has a process limit that works
             assert "nproc-rlimit" in result.isolation and "fork-guard" not in result.isolation
             assert result.status == "passed", result.stderr
             continue
@@ -313,26 +314,38 @@ def test_root_without_pids_cgroup_gets_no_processes(monkeypatch: pytest.MonkeyPa
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-"""An interpreter whose library `nobody` can read, unlike one under /root (this test's own)."""
+"""An interpreter that a user without rights can reach, unlike one under /root (this test's)."""
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root's programs change user")
-@pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason=f"no {SYSTEM_PYTHON}")
+@pytest.fixture
+def as_run_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run programs through SYSTEM_PYTHON, so that root's program drops to the run's own user."""
+    if os.geteuid() != 0:
+        pytest.skip("only root's programs change user")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON}")
+    probe = "import os, sys; print(os.path.dirname(os.__file__)); print(*sys.path[1:], sep='\\n')"
+    needed = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", probe], capture_output=True, text=True
+    ).stdout.split()
+    if not all(sandbox_child._others_can_read(p) for p in needed if os.path.isdir(p)):
+        pytest.skip(f"{SYSTEM_PYTHON}'s library is out of an unprivileged user's reach")
+    monkeypatch.setattr(sandbox, "_PYTHON", SYSTEM_PYTHON)
+
+
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespace", "no-namespace"])
 @pytest.mark.parametrize("cgroups", [True, False], ids=["cgroup", "no-cgroup"])
-def test_root_runs_the_program_as_nobody_who_reads_no_secrets_and_writes_only_its_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, namespaces: bool, cgroups: bool
+def test_root_runs_the_program_as_its_own_user_who_reads_no_secrets_and_writes_only_its_dir(
+    as_run_user: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    namespaces: bool,
+    cgroups: bool,
 ) -> None:
     """Without a user namespace, a program running as root read the evaluator's environment
-    (an HF_TOKEN, say) from /proc/PID/environ, and wrote anywhere by going around Python."""
-    library = subprocess.run(
-        [SYSTEM_PYTHON, "-c", "import os; print(os.path.dirname(os.__file__))"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    if not sandbox_child._others_can_read(library):
-        pytest.skip(f"nobody cannot read {library}")
-    monkeypatch.setattr(sandbox, "_PYTHON", SYSTEM_PYTHON)
+    (an HF_TOKEN, say) from /proc/PID/environ, and wrote anywhere by going around Python. As
+    the run's own user it still prints through /dev/stdout, writes its dir by absolute path
+    and uses tempfile (each failed with EACCES when that user was `nobody`)."""
     monkeypatch.setattr(sandbox, "_USE_NAMESPACES", namespaces)
     monkeypatch.setattr(sandbox, "_USE_CGROUPS", cgroups)
     secret = "lmf-secret-" + uuid.uuid4().hex
@@ -340,8 +353,8 @@ def test_root_runs_the_program_as_nobody_who_reads_no_secrets_and_writes_only_it
     outside = tmp_path / "outside.txt"
     result = run(
         f"""
-        import _io, os
-        print(os.getuid(), os.getgroups())
+        import _io, os, tempfile
+        print(os.getuid() >= 2**30, os.getgid() == os.getuid(), os.getgroups())
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 with open(f"/proc/{{pid}}/environ", "rb") as f:
@@ -352,17 +365,67 @@ def test_root_runs_the_program_as_nobody_who_reads_no_secrets_and_writes_only_it
             _io.FileIO({str(outside)!r}, "w")  # not through the write guard
         except PermissionError:
             print("refused")
-        open("inside.txt", "w").write("fine")
+        open(os.path.abspath("inside.txt"), "w").write("fine")
+        tempfile.NamedTemporaryFile().write(b"fine")
         if os.fork() == 0:
             os._exit(0)
-        print(os.wait()[1])
+        print(os.wait()[1], flush=True)  # before another descriptor appends to the same file
+        open("/dev/stdout", "a").write("said so\\n")
         """
     )
     assert result.status == "passed", result.stderr
-    assert result.stdout.splitlines() == ["65534 []", "refused", "0"]
+    assert result.stdout.splitlines() == ["True True []", "refused", "0", "said so"]
     assert not outside.exists()
     assert "unprivileged-user" in result.isolation
     assert ("pids-cgroup" if cgroups else "nproc-rlimit") in result.isolation
+
+
+def test_runs_at_once_have_process_limits_of_their_own(
+    as_run_user: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a pids cgroup, RLIMIT_NPROC counts the tasks of the program's user: when all runs
+    shared `nobody`, one run's threads made another's fail to start its own."""
+    monkeypatch.setattr(sandbox, "_USE_NAMESPACES", False)
+    monkeypatch.setattr(sandbox, "_USE_CGROUPS", False)
+    program = """
+        import threading, time
+        time.sleep(0.5)  # both runs have set their limits by now
+        started = []
+        for _ in range(12):
+            t = threading.Thread(target=time.sleep, args=(1.0,))
+            t.start()
+            started.append(t)
+        print(len(started))
+        """
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run(program, max_processes=16), range(2)))
+    for result in results:
+        assert "nproc-rlimit" in result.isolation
+        assert result.status == "passed", result.stderr
+        assert result.stdout == "12\n"
+
+
+def test_root_in_a_user_namespace_that_maps_root_alone_keeps_its_user(as_run_user: None) -> None:
+    """`unshare -r` (rootless containers, some CI) maps uid 0 alone: the run's own ids cannot
+    exist there, and every run failed to start (chown: EINVAL) instead of running as root."""
+    code = (
+        "from lmforge.eval import sandbox\n"
+        f"sandbox._PYTHON = {SYSTEM_PYTHON!r}\n"
+        "r = sandbox.run_sandboxed('print(7 * 6)', sandbox.SandboxLimits())\n"
+        "print(r.status, r.stdout.strip(), 'unprivileged-user' in r.isolation)\n"
+    )
+    try:
+        done = subprocess.run(
+            ["unshare", "--user", "--map-root-user", sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if "unshare failed" in done.stderr or "unshare:" in done.stderr:
+        pytest.skip(f"no user namespaces here: {done.stderr.strip()}")
+    assert done.stdout.split() == ["passed", "42", "False"], done.stderr
 
 
 def test_concurrent_calls_from_threads_keep_their_own_results() -> None:

@@ -15,11 +15,13 @@ What holds on Linux, and how (`SandboxResult.isolation` names what took effect o
   ("nproc-rlimit"), which counts all of the user's tasks, so it is set to their current number
   plus `max_processes`; Linux ignores it for root, so a program left running as root without a
   cgroup gets "fork-guard": os.fork, exec and subprocess are disabled in Python instead.
-- User: a caller running as root runs the program as `nobody` ("unprivileged-user"), inside
-  the user namespace or without one, wherever `nobody` can read the interpreter's standard
-  library (not so for a Python under /root: there the program stays root). The kernel then
-  keeps it from writing anything but its working directory and world-writable places, and from
-  reading other processes' environments (/proc/PID/environ), where tokens tend to live.
+- User: a caller running as root runs the program as a user of the run's own, with no account
+  and no rights ("unprivileged-user": uid and gid 2^30 + the child's pid), inside the user
+  namespace or without one, wherever such a user can reach the interpreter, its import path
+  and the working directory (not so for a Python under /root: there the program stays root).
+  The kernel then keeps it from writing anything but its working directory and world-writable
+  places, from reading other processes' environments (/proc/PID/environ), where tokens tend to
+  live, and from signalling another run's processes; RLIMIT_NPROC counts its tasks alone.
 - Cleanup: the program runs in new user, PID and network namespaces where the kernel allows
   ("user-namespace", "pid-namespace", "net-namespace"; unprivileged where user namespaces are
   enabled). Its namespace's init is ours; when the program ends or the wall clock runs out the
@@ -32,10 +34,11 @@ What holds on Linux, and how (`SandboxResult.isolation` names what took effect o
   Python refuse every non-AF_UNIX socket; code can undo that (ctypes).
 - Files, Python-level ("write-guard"): open/os/pathlib/shutil writes outside the fresh
   working directory raise PermissionError. Code that goes around Python (subprocess, ctypes,
-  _io.FileIO) writes wherever its user may: the caller's user, or `nobody` (above).
-- Secrets: with a user namespace or as `nobody`, the program cannot read the environments of
-  the caller's processes; running as the caller's user without either (a Python under /root
-  where user namespaces are refused, or an unprivileged caller without them), it can.
+  _io.FileIO) writes wherever its user may: the caller's user, or the run's own (above).
+- Secrets: with a user namespace or as the run's own user, the program cannot read the
+  environments of the caller's processes; running as the caller's user without either (a
+  Python under /root where user namespaces are refused, or an unprivileged caller without
+  them), it can.
 
 The child is sandbox_child.py run as `python -I -B sandbox_child.py CONFIG REPORT_FD` (isolated
 mode, a minimal environment, stdin from /dev/null). It reports on a pipe the program never

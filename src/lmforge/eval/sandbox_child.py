@@ -29,12 +29,10 @@ def _child_main(config: dict[str, Any], report_fd: int) -> NoReturn:
     limits = config["limits"]
     isolation: list[str] = []
     nproc = None
-    drop_to = _unprivileged_ids() if os.geteuid() == 0 else None
-    if drop_to is not None:
-        os.chown(".", *drop_to)  # the program's working dir becomes nobody's
+    drop_to = _run_ids() if os.geteuid() == 0 else None
     if config["cgroup"] and _join_cgroup(config["cgroup"]):
         isolation.append("pids-cgroup")
-    elif os.geteuid() != 0 or drop_to is not None:
+    elif os.geteuid() != 0 or drop_to is not None:  # the run's own user has no tasks yet
         nproc = _user_tasks(drop_to[0] if drop_to else os.getuid()) + limits["max_processes"]
         isolation.append("nproc-rlimit")
     else:
@@ -60,19 +58,31 @@ def _child_main(config: dict[str, Any], report_fd: int) -> NoReturn:
     os._exit(0)  # skip interpreter teardown: ~25 ms per run
 
 
-def _unprivileged_ids() -> tuple[int, int] | None:
-    """(uid, gid) of `nobody`, for root's programs, if nobody can read the standard library
-    the program imports from; None where it cannot (e.g. Python under /root), so the program
-    runs as root rather than failing at its first import."""
-    import pwd
+RUN_ID_BASE = 1 << 30
+"""Root's programs run as uid and gid RUN_ID_BASE + the child's pid: no account has such an id,
+and runs alive at once never share one (a process limit or a kill of one run's user does not
+touch another's)."""
 
+
+def _run_ids() -> tuple[int, int] | None:
+    """An unprivileged (uid, gid) of this run alone for root's program, given the working dir,
+    the capture files on stdout/stderr and the program's imports (the interpreter, sys.path,
+    the working dir by its absolute path) are within its reach. None where they are not (e.g.
+    Python under /root, or ids the user namespace root is in cannot map): the program then
+    runs as root rather than failing at its first import or path."""
+    ident = RUN_ID_BASE + os.getpid()
+    needed = [os.path.dirname(os.path.realpath(sys.executable)), *sys.path[1:]]  # [0]: ours
+    if not all(_others_can_read(path) for path in needed if os.path.isdir(path)):
+        return None
+    if not _others_can_read(os.path.dirname(os.getcwd())):
+        return None
     try:
-        entry = pwd.getpwnam("nobody")
-        ids = entry.pw_uid, entry.pw_gid
-    except KeyError:
-        ids = 65534, 65534
-    libraries = {os.path.dirname(os.__file__)} | {p for p in sys.path if p.endswith("-dynload")}
-    return ids if all(_others_can_read(path) for path in libraries) else None
+        os.chown(".", ident, ident)
+        for fd in (1, 2):  # the caller's capture files, which /dev/stdout and the like reopen
+            os.fchown(fd, ident, ident)
+    except OSError:  # e.g. EINVAL: a user namespace that maps root alone
+        return None
+    return ident, ident
 
 
 def _others_can_read(directory: str) -> bool:
