@@ -64,6 +64,7 @@ from lmforge.data.dedup import DedupConfig, Deduplicator, signature
 from lmforge.data.shards import open_shard, write_shard
 from lmforge.data.sources import SourceConfig, read_documents, resolve_files
 from lmforge.data.tokenize import DataConfig, read_manifest, split_of, tokenize_corpus
+from lmforge.data.tokenize_workers import ProcessedDoc, Workers, input_batches
 from lmforge.data.tokenizer import TextTokenizer, TokenizerConfig, sample_sources, train_tokenizer
 
 T = TypeVar("T")
@@ -107,11 +108,7 @@ class Corpus:
         """The pipeline's batches: per source, in order, at most `size` documents and (past
         the first document) about 1 MB each, cut by the pipeline's own function."""
         cap = tokenize_mod._BATCH_BYTES
-        return [
-            list(map(str, b))
-            for d in self.docs.values()
-            for b in tokenize_mod._batches(d, size, cap)
-        ]
+        return [list(map(str, b)) for d in self.docs.values() for b in input_batches(d, size, cap)]
 
 
 def load_corpus(root: Path, max_mb: float) -> Corpus:
@@ -406,13 +403,14 @@ def stage_profile(
     with extra(PICKLE_OUT):
         for b in batches:
             pickle.loads(pickle.dumps(b))
-    # What workers send back: a _Doc per document (here with the ids the run produced).
+    # What workers send back: a ProcessedDoc per document (here with the ids the run produced).
     ids = itertools.chain(*arrays)
-    results = [tokenize_mod._Doc(1, "train", None, g, a) for a, g in zip(ids, sigs, strict=False)]
+    results = [ProcessedDoc(1, "train", None, g, a) for a, g in zip(ids, sigs, strict=False)]
     with extra(PICKLE_BACK):
         for r in _chunks(results, cfg.batch_docs):
             pickle.loads(pickle.dumps(r))
-    with extra(SPAWN), tokenize_mod._Workers(replace(cfg, workers=workers), tok) as w:
+    pool = Workers(cfg.clean, cfg.dedup, cfg.heldout_fraction, workers, tok)
+    with extra(SPAWN), pool as w:
         list(w.map([(0, ["warm up"])] * workers))
     return sw.s, extra.s
 
