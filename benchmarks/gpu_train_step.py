@@ -30,23 +30,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from train_throughput import REF  # the reference shape, one definition
 
 from lmforge.export import hf_config, hf_state_dict
 from lmforge.model.config import ModelConfig
 from lmforge.model.llama import Llama
 from lmforge.train.config import auto_loss_chunk
 from lmforge.train.optim import OptimConfig, build_optimizer
-
-REF = dict(
-    vocab_size=32_000,
-    num_layers=6,
-    d_model=512,
-    num_heads=8,
-    num_kv_heads=4,
-    d_ff=1408,
-    rope_theta=10_000.0,
-    tie_embeddings=False,
-)
 
 
 def sync(device: torch.device) -> None:
