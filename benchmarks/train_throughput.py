@@ -70,12 +70,14 @@ class Variant:
     attention: str = "auto"  # lmforge ModelConfig.attention (matters for doc masking only)
     loss: str = "full"  # full: cross-entropy over full logits | fused: the trainer's model loss
     recompute: str = "none"  # lmforge parallel.activation_checkpointing: none | full | every
+    malloc: str = "system"  # heap: lmforge.perf.keep_freed_memory() first (the trainer's way)
 
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
         masking = f"doc-{self.attention}" if self.masking == "doc" else self.masking
         extra = "" if self.recompute == "none" else f"/recompute-{self.recompute}"
+        extra += "/heap" if self.malloc == "heap" else ""
         return f"{self.impl}/{masking}/{self.dtype}/{mode}/{self.loss}{extra}"
 
 
@@ -276,6 +278,10 @@ def child_main(spec: str, warmup: int, doc_len: float) -> None:
     v = Variant(**json.loads(spec))
     proc = psutil.Process()
     rss_base = proc.memory_info().rss  # after imports (transformers only in HF children)
+    if v.malloc == "heap":
+        from lmforge.perf import keep_freed_memory
+
+        keep_freed_memory()
     model, info = build_model(v)
     step = make_step(v, model, doc_len)
     warm = []
@@ -443,6 +449,13 @@ def main() -> None:
         help="lmforge activation checkpointing variants, comma-separated: none, full (every"
         " block's activations recomputed in the backward), every (every 2nd block)",
     )
+    ap.add_argument(
+        "--malloc",
+        default=None,
+        help="allocator modes run by every impl, comma-separated: heap (glibc keeps freed "
+        "memory, as lmforge's trainer sets it), system (glibc's default); default: lmforge "
+        "heap, peers system, as each ships",
+    )
     ap.add_argument("--doc-len", type=float, default=128.0, help="mean packed document length")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the MFU peak")
     ap.add_argument(
@@ -477,6 +490,9 @@ def main() -> None:
     losses = [m for m in args.lmforge_loss.split(",") if m]
     attentions = [a for a in args.attention.split(",") if a]
     recomputes = [r for r in args.recompute.split(",") if r]
+    mallocs = [m for m in (args.malloc or "").split(",") if m]
+    if set(mallocs) - {"heap", "system"}:
+        ap.error(f"--malloc takes heap, system; got {args.malloc}")
     if set(attentions) - {"auto", "dense", "split"}:
         ap.error(f"--attention takes auto, dense, split; got {args.attention}")
     cfg = model_config(attentions[0])
@@ -510,7 +526,8 @@ def main() -> None:
                     for loss in losses if impl == "lmforge" else ["full"]:
                         for att in attentions if m == "doc" else ["auto"]:
                             for rc in recomputes if impl == "lmforge" else ["none"]:
-                                group.append(Variant(impl, m, d, compiled, att, loss, rc))
+                                for mode in mallocs or malloc_of(impl):
+                                    group.append(Variant(impl, m, d, compiled, att, loss, rc, mode))
         print(
             f"\n== {d}: {len(group)} variants, {args.warmup} warm-up + {args.steps} timed steps "
             "each, alternating",
@@ -518,6 +535,10 @@ def main() -> None:
         )
         results += run_group(group, args, budget, meter)
     report(results, peaks, fpt)
+
+
+def malloc_of(impl: str) -> list[str]:
+    return ["heap" if impl == "lmforge" else "system"]
 
 
 def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
@@ -535,7 +556,8 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
                 v.dtype if v.dtype == "fp32" else "bf16-autocast",
                 "compiled" if v.compiled else "eager",
                 ("doc, " if v.masking == "doc" else "causal, ") + attention_kernel(v),
-                v.loss if v.recompute == "none" else f"{v.loss}, recompute {v.recompute}",
+                (v.loss if v.recompute == "none" else f"{v.loss}, recompute {v.recompute}")
+                + f", {v.malloc}",
                 f"{med:.3f}",
                 f"{min(c.times):.3f}",
                 f"{tps[v]:.0f}",
@@ -551,7 +573,7 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
         "precision",
         "mode",
         "masking / attention kernel",
-        "loss (recompute)",
+        "loss (recompute), malloc",
         "step s (med)",
         "step s (min)",
         "tok/s",
@@ -585,14 +607,16 @@ def report(results: list[Child], peaks: dict[str, float], fpt: float) -> None:
     print()
     for peer, name in (("hf", "HF"), ("litgpt", "litgpt")):
         for v, t in tps.items():
-            ref = Variant(peer, "causal", v.dtype, v.compiled)
-            if v.impl != "lmforge" or ref not in tps:
-                continue
-            print(
-                f"ratio lmforge/{name} tok/s  {v.dtype:4s} "
-                f"{'compiled' if v.compiled else 'eager':8s} lmforge {v.masking:6s} {v.loss:5s} "
-                f"loss, attention {v.attention}, recompute {v.recompute}: {t / tps[ref]:.2f}"
-            )
+            for mode in ("system", "heap"):
+                ref = Variant(peer, "causal", v.dtype, v.compiled, malloc=mode)
+                if v.impl != "lmforge" or ref not in tps:
+                    continue
+                print(
+                    f"ratio lmforge/{name}-{mode} tok/s  {v.dtype:4s} "
+                    f"{'compiled' if v.compiled else 'eager':8s} lmforge {v.masking:6s} "
+                    f"{v.loss:5s} loss, attention {v.attention}, recompute {v.recompute}, "
+                    f"malloc {v.malloc}: {t / tps[ref]:.2f}"
+                )
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -600,7 +624,12 @@ def profile(args: argparse.Namespace) -> None:
     torch.set_num_threads(THREADS)
     impl, masking, dtype, *rest = args.profile.split("/")
     loss = rest[0] if rest else ("fused" if impl == "lmforge" else "full")
-    v = Variant(impl, masking, dtype, args.compile, args.attention, loss)
+    malloc = (args.malloc or malloc_of(impl)[0]).split(",")[0]
+    v = Variant(impl, masking, dtype, args.compile, args.attention, loss, malloc=malloc)
+    if malloc == "heap":
+        from lmforge.perf import keep_freed_memory
+
+        keep_freed_memory()
     model, _ = build_model(v)
     step = make_step(v, model, args.doc_len)
     for _ in range(max(args.warmup, 1)):

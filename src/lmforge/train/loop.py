@@ -39,7 +39,7 @@ from lmforge.data.packing import PackedBatch
 from lmforge.dist import rank, resolve_device, world_size
 from lmforge.logs import MetricsWriter, progress, read_metrics
 from lmforge.model.llama import Llama
-from lmforge.perf import autocast_dtype, measure_matmul_peak
+from lmforge.perf import autocast_dtype, keep_freed_memory, measure_matmul_peak
 from lmforge.train.config import TrainConfig, auto_loss_chunk, grad_accum_steps
 from lmforge.train.guard import GuardConfig, GuardError, SpikeGuard
 from lmforge.train.optim import OptimConfig, build_optimizer
@@ -118,6 +118,8 @@ class _Trainer:
         self.stages, self.run_dir, self.recipe, self.guard = stages, run_dir, recipe, guard
         self.evaluate, self.eval_every_steps = evaluate, eval_every_steps
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and cfg.keep_freed_memory:
+            keep_freed_memory()
         self.world = world_size()
         amp_dtype = autocast_dtype(cfg.precision, self.device)
         model.to(self.device).train()
