@@ -331,7 +331,7 @@ def test_serve_compile_reaches_the_batched_decode_step(
     """`lmforge serve ... generate.compile=true` compiles the decode step every request shares."""
     seen: list[bool] = []
 
-    def decode_step(compile: bool) -> object:
+    def decode_step(model: object, compile: bool) -> object:
         seen.append(compile)
         return last_logits
 

@@ -138,7 +138,7 @@ class ContinuousBatcher:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model.eval()
-        self.step = decode_step(compile)
+        self.step = decode_step(self.model, compile)
         self.prefill_chunk = prefill_chunk
         self._pending: list[Submitted] = []
         self._wake = threading.Condition()

@@ -141,25 +141,39 @@ def last_logits(model: Llama, ids: torch.Tensor, cache: KVCache) -> torch.Tensor
 
 
 @functools.cache
-def _compiled_last_logits() -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
-    """`last_logits` under torch.compile, built once per process.
+def _compiled_last_logits(
+    cpp_wrapper: bool,
+) -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
+    """`last_logits` under torch.compile, built once per process (and wrapper kind).
 
     By default inductor inlined each RMSNorm (and SwiGLU's silu(gate)·up) into the next
     one-row product, recomputing it for every output row: the head's kernel then did the
     final norm's arithmetic 32,000 times and ran compute-bound. Realizing every pointwise
     result (`realize_opcount_threshold` 1) leaves each product one multiply-add per weight:
-    batch-1 decoding 69.5 -> 75.1 tok/s, 8 rows level (benchmarks/notes/decode.md §10)."""
+    batch-1 decoding 69.5 -> 75.1 tok/s, 8 rows level (benchmarks/notes/decode.md §10).
+
+    On CPU the kernels are called from generated C++ rather than Python (`cpp_wrapper`): a
+    one-token step is ~100 small calls, and their Python glue cost 10% of batch-1 decoding on
+    an AMX Xeon (bf16 214 -> 238 tok/s, fp32 149 -> 165; notes §12), for a longer first
+    compile."""
     import torch._inductor.config as inductor_config
 
     options: dict[str, str | int | bool | Callable[..., Any]] = {}
     if hasattr(inductor_config, "realize_opcount_threshold"):  # absent in other versions
         options["realize_opcount_threshold"] = 1
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
     return torch.compile(last_logits, dynamic=True, options=options)
 
 
-def decode_step(compile: bool) -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
-    """The one-token decode step: `last_logits`, or its compiled twin (`GenerateConfig.compile`)."""
-    return _compiled_last_logits() if compile else last_logits
+def decode_step(
+    model: Llama, compile: bool
+) -> Callable[[Llama, torch.Tensor, KVCache], torch.Tensor]:
+    """The one-token decode step of a model: `last_logits`, or its compiled twin
+    (`GenerateConfig.compile`)."""
+    if not compile:
+        return last_logits
+    return _compiled_last_logits(next(model.parameters()).device.type == "cpu")
 
 
 def generate(
@@ -195,7 +209,7 @@ def generate_stream(
             model.cfg, 1, len(prompt_ids) + cfg.max_new_tokens, param.device, param.dtype
         )
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
-        step = decode_step(cfg.compile)
+        step = decode_step(model, cfg.compile)
         logits = last_logits(model, ids, cache)  # the prefill: a new shape per prompt, eager
         for left in reversed(range(cfg.max_new_tokens)):  # tokens allowed after this one
             token = sample_next(logits, cfg, generator)  # (1,)
@@ -301,7 +315,7 @@ def _decode(
     stops = set(stop_ids)
     out: list[list[int]] = [[] for _ in generators]
     rows = list(range(len(generators)))  # batch row -> index into out
-    step = decode_step(cfg.compile)
+    step = decode_step(model, cfg.compile)
     for left in reversed(range(cfg.max_new_tokens)):  # tokens allowed after this one
         tokens = sample_rows(logits, cfg, [generators[r] for r in rows])  # (B,)
         live = []
