@@ -258,7 +258,9 @@ def attention_kernel(v: Variant) -> str:
     from lmforge.model.attention import plan_document_mask
 
     positions = torch.arange(SEQ_LEN)[None]
-    dense = plan_document_mask(positions, v.attention).dense is not None  # type: ignore[arg-type]
+    dtype = torch.bfloat16 if v.dtype == "bf16" else torch.float32
+    plan = plan_document_mask(positions, v.attention, dtype)  # type: ignore[arg-type]
+    dense = plan.dense is not None
     return f"{'dense bool mask' if dense else 'split per-doc'} (attention={v.attention})"
 
 

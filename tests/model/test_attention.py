@@ -196,6 +196,27 @@ def test_flex_kernel_forward_equals_the_dense_mask(heads: tuple[int, int]) -> No
         _dense_vs_flex(rows, heads, "cpu")
 
 
+def test_the_model_plans_its_mask_for_the_dtype_attention_computes_in(
+    tiny_cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.model import llama
+
+    seen: list[torch.dtype] = []
+
+    def plan(positions: torch.Tensor, impl: str, dtype: torch.dtype) -> DocumentMask:
+        seen.append(dtype)
+        return DocumentMask(dense=document_mask(positions))
+
+    monkeypatch.setattr(llama, "plan_document_mask", plan)
+    model = Llama(tiny_cfg)
+    ids, positions = _packed(tiny_cfg.vocab_size)
+    model(ids, positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, positions)
+    model.to(torch.bfloat16)(ids, positions)
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+
+
 def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelConfig) -> None:
     from lmforge.model.attention import plan_document_mask
 
@@ -205,6 +226,9 @@ def test_auto_keeps_split_on_cpu_and_flex_refuses_cpu_training(tiny_cfg: ModelCo
     short = (torch.arange(512) % 100)[None]  # on CPU split wins from T = 512, dense up to 256
     assert len(plan_document_mask(short, "auto").runs) == 2  # 5 x 100 tokens, then 12
     assert plan_document_mask(short[:, :256], "auto").dense is not None
+    bf16 = torch.bfloat16  # its SDPA costs more per call: dense up to 512
+    assert plan_document_mask(short, "auto", bf16).dense is not None
+    assert plan_document_mask(pos[:, :1024], "auto", bf16).dense is None
     assert not plan_document_mask(pos, "flex").causal
     split = plan_document_mask(short, "auto")
     assert not split.causal and not replace(split).causal  # FSDP rebuilds inputs with replace

@@ -48,6 +48,10 @@ DENSE_MAX_SEQ_LEN_CPU = 256
 """The same on CPU, where split's forward + backward measured 0.27-0.90x dense's time at T = 512
 and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md).
 Compiled, split and dense steps took the same time at T = 512 (2.61 vs 2.63 s)."""
+DENSE_MAX_SEQ_LEN_CPU_BF16 = 512
+"""The same on CPU in bf16, whose SDPA kernel costs more per call: on an AMX Xeon a reference
+bf16 step with dense masks at T = 512 took 0.90-0.93x the split kernel's time in three runs
+(fp32 level there; benchmarks/RESULTS.md)."""
 
 FLEX_BLOCK_SIZE = 128
 """Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
@@ -246,11 +250,16 @@ class DocumentMask:
         object.__setattr__(self, "causal", causal)
 
 
-def plan_document_mask(positions: torch.Tensor, impl: AttentionImpl) -> DocumentMask:
-    """Pick the kernel for this T (see module docstring) and precompute what it needs."""
+def plan_document_mask(
+    positions: torch.Tensor, impl: AttentionImpl, dtype: torch.dtype = torch.float32
+) -> DocumentMask:
+    """Pick the kernel for this T and the dtype attention computes in (see module docstring),
+    and precompute what it needs."""
     B, T = positions.shape
-    on_cpu = positions.device.type == "cpu"
-    dense_max = DENSE_MAX_SEQ_LEN_CPU if on_cpu else DENSE_MAX_SEQ_LEN
+    dense_max = DENSE_MAX_SEQ_LEN
+    if positions.device.type == "cpu":
+        bf16 = dtype == torch.bfloat16
+        dense_max = DENSE_MAX_SEQ_LEN_CPU_BF16 if bf16 else DENSE_MAX_SEQ_LEN_CPU
     if impl == "dense" or (impl == "auto" and T <= dense_max):
         return DocumentMask(dense=document_mask(positions))
     if impl == "flex" or (impl == "auto" and positions.device.type == "cuda"):

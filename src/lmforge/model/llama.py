@@ -132,13 +132,15 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Final normed hidden states (B, T, d_model), before the output head."""
         B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        dtype = compute_dtype(x)  # what attention computes in
         mask = None
         if attention_mask is not None:
             if positions is None or cache is not None:
                 raise ValueError("attention_mask needs explicit positions and no KV cache")
             mask = DocumentMask(dense=attention_mask)
         elif positions is not None and cache is None:
-            mask = plan_document_mask(positions, self.cfg.attention)
+            mask = plan_document_mask(positions, self.cfg.attention, dtype)
         elif cache is not None and cache.starts is not None:
             if positions is not None:
                 raise ValueError("a left-padded KV cache sets the positions itself; pass None")
@@ -147,11 +149,9 @@ class Llama(nn.Module):
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         # in q's dtype once, not in each block: there every q and k saved its own casts for the
         # backward (8·head_dim bytes per token and block in bf16)
-        dtype = compute_dtype(x)
         cos, sin = cos.to(dtype), sin.to(dtype)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache)
