@@ -67,7 +67,7 @@ def keep_freed_memory() -> bool:
     By default glibc maps every allocation of more than 128 KiB to 32 MiB (its threshold rises
     with use) freshly from the kernel and unmaps it on free, so each new activation, gradient
     or logits chunk of a training step costs one page fault per 4 KiB touched. On the 2 vCPU
-    VMs we measure on, those faults took 20-30% of a bf16 step (benchmarks/RESULTS.md). The
+    VM we measured, steps ran 1.13-1.33x faster without them (benchmarks/RESULTS.md). The
     process's resident memory then stays at its peak instead of falling between steps, which a
     training run reaches every step anyway. Returns whether it applied (glibc only; once per
     process, as it cannot be undone).
