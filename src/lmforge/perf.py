@@ -64,9 +64,10 @@ _INT_MAX = 2**31 - 1
 def keep_freed_memory() -> bool:
     """Make glibc's malloc serve large tensors from its heap and keep what is freed for reuse.
 
-    By default glibc maps every allocation of more than 128 KiB to 32 MiB (its threshold rises
-    with use) freshly from the kernel and unmaps it on free, so each new activation, gradient
-    or logits chunk of a training step costs one page fault per 4 KiB touched. On the 2 vCPU
+    By default glibc serves each allocation above its mmap threshold (128 KiB at first, rising
+    with use to at most 32 MiB) with fresh pages from the kernel and unmaps them on free, so
+    each new activation, gradient or logits chunk of a training step costs one page fault per
+    4 KiB touched. On the 2 vCPU
     VM we measured, steps ran 1.13-1.33x faster without them (benchmarks/RESULTS.md). The
     process's resident memory then stays at its peak instead of falling between steps, which a
     training run reaches every step anyway. Returns whether it applied (glibc only; once per

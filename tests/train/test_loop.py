@@ -118,6 +118,20 @@ def test_training_lowers_held_out_loss(tmp_path: Path) -> None:
     assert records[-1]["loss"] < records[0]["loss"] - 2.0
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_training_keeps_freed_memory_unless_told_not_to(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+) -> None:
+    from lmforge.train import loop
+
+    calls: list[bool] = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append(True) or True)
+    other = _sibling_run(tiny_run, tmp_path / "other")
+    args = ("train.max_tokens=512", "eval.every_steps=0", f"train.keep_freed_memory={keep}")
+    _pretrain_in_process(other, "train.device=cpu", *args)
+    assert calls == ([True] if keep else [])
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tiny_run: Path, tmp_path: Path) -> None:
     other = _sibling_run(tiny_run, tmp_path / "other")
