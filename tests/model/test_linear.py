@@ -43,19 +43,29 @@ def test_a_few_tokens_match_the_matrix_path_in_row_order(shape: tuple[int, ...])
     torch.testing.assert_close(layer(strided), F.linear(strided, layer.weight))
 
 
-def test_autocast_and_bf16_weights_keep_the_matrix_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_autocast_keeps_the_matrix_path_and_bf16_weights_take_mv_where_native(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lmforge.model.linear as linear
+
+    torch.manual_seed(0)
     layer = Linear(32, 16)
     x = torch.randn(1, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         ref = F.linear(x, layer.weight)
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
-    calls = []
-    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(a) or torch.zeros(16))
-    layer.to(torch.bfloat16)(x.bfloat16())
-    assert not calls
+    real_mv, calls = torch.mv, []
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append(a) or real_mv(*a))
+    monkeypatch.setattr(linear, "BF16_MV_FOR_ONE_ROW", False)  # bf16 emulated: F.linear
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer(x.bfloat16()), F.linear(x.bfloat16(), layer.weight)) and not calls
+    monkeypatch.setattr(linear, "BF16_MV_FOR_ONE_ROW", True)  # AVX512-BF16: mv
+    fast = layer(x.bfloat16()[None])
+    assert len(calls) == 1 and fast.shape == (1, 1, 16) and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast[0], F.linear(x.bfloat16(), layer.weight))
     layer.float()(x)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_one_token_through_onednn_without_gradients(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,11 +13,13 @@ a few rows (x @ W.T: MKL's matrix-matrix kernel with a transposed weight) read t
   the block products 0.6-1.0x, and batched decoding ran 1.45x faster at 4 rows, 1.09x at 8
   and 1.10x at 16;
 
-at 128 rows and more the two are level. bf16 weights were slower on both eager paths, so only
-fp32 CPU weights take them (benchmarks/notes/decode.md §1 and §5). Compiled, one row takes `mv`
-in every dtype: inductor turns it into one pass over the weights, where bf16 weights otherwise
-went to an external matrix kernel (bf16 decoding 90 -> 97 tok/s, decode.md §11). Everything
-else is `nn.Linear`: same parameters, same state-dict keys, same function (to rounding).
+at 128 rows and more the two are level. bf16 weights were slower on both eager paths where
+bf16 is emulated, so there only fp32 CPU weights take them (benchmarks/notes/decode.md §1 and
+§5); with AVX512-BF16, one bf16 row takes `mv` too (`BF16_MV_FOR_ONE_ROW`). Compiled, one
+row takes `mv` in every dtype: inductor turns it into one pass over the weights, where bf16
+weights otherwise went to an external matrix kernel (bf16 decoding 90 -> 97 tok/s, decode.md
+§11). Everything else is `nn.Linear`: same parameters, same state-dict keys, same function (to
+rounding).
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ generic kernels: on a 2-core AMD EPYC (AVX2) that decoded the reference model 1.
 not a cached call: compiled decoding reads it as one."""
 
 
+BF16_MV_FOR_ONE_ROW = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+"""One-row products with bf16 CPU weights through `torch.mv` where the CPU has AVX512-BF16:
+on a 2-core Xeon with AMX that decoded the reference model in bf16 1.32x faster (95.0 -> 125.5
+tok/s, same greedy ids; decode.md §13). Where bf16 is emulated (a Cascade Lake Xeon), bf16 mv
+was slower than `F.linear` (61.1 vs 77.2 tok/s), so there bf16 keeps `F.linear`."""
+
+
 def _eager_without_grad() -> bool:
     """oneDNN's op has no backward, and inductor cannot lower it with a plain weight."""
     return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
@@ -59,8 +68,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         on_cpu = self.weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        fp32 = self.weight.dtype == torch.float32  # bf16 measured slower on both eager paths
-        if on_cpu and rows == 1 and (fp32 or torch.compiler.is_compiling()):
+        fp32 = self.weight.dtype == torch.float32
+        bf16_mv = BF16_MV_FOR_ONE_ROW and self.weight.dtype == torch.bfloat16
+        if on_cpu and rows == 1 and (fp32 or bf16_mv or torch.compiler.is_compiling()):
             flat = x.reshape(1, self.in_features)
             if fp32 and ONEDNN_FOR_ONE_ROW and _eager_without_grad():
                 out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, None, "none", [], "")
