@@ -49,9 +49,10 @@ DENSE_MAX_SEQ_LEN_CPU = 256
 and 1024 (document lengths 16 to whole rows) and on par at 256 (benchmarks/notes/training.md).
 Compiled, split and dense steps took the same time at T = 512 (2.61 vs 2.63 s)."""
 DENSE_MAX_SEQ_LEN_CPU_BF16 = 512
-"""The same on CPU in bf16, whose SDPA kernel costs more per call: on an AMX Xeon a reference
-bf16 step with dense masks at T = 512 took 0.90-0.93x the split kernel's time in three runs
-(fp32 level there; benchmarks/RESULTS.md)."""
+"""The same on CPU in bf16, where split's SDPA calls (one per run of documents) took longer in
+all than one dense call per layer: on an AMX Xeon a reference bf16 step with dense masks at
+T = 512 took 0.90-0.93x the split kernel's time in three runs (fp32 level there;
+benchmarks/RESULTS.md)."""
 
 FLEX_BLOCK_SIZE = 128
 """Tile of the flex BlockMask (torch's default): tiles wholly masked out are skipped."""
