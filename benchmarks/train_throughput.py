@@ -8,8 +8,8 @@ loss fused with its gradient, model/loss.py), or over full logits with `--lmforg
 Variants:
 
 - lmforge, document masking ON: packed rows of several documents, positions reset per document
-  (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask at T <= 256
-  on CPU, the split kernel above);
+  (the mask kernel follows ModelConfig.attention; "auto" uses the dense bool mask on CPU at
+  T <= 256 in fp32 and T <= 512 in bf16, the split kernel above);
 - lmforge, plain causal (positions=None, SDPA is_causal);
 - HF LlamaForCausalLM(attn_implementation="sdpa"), plain causal, same weights as lmforge;
 - litgpt's GPT with a Config of the same shape (when litgpt is installed), plain causal, same

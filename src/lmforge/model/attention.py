@@ -3,7 +3,8 @@
 A packed row holds several documents; positions restart at 0 where each document starts, and
 that one tensor drives both RoPE and the mask: a token attends causally within its own document
 and never across. Three kernels, chosen by `ModelConfig.attention` ("auto": dense up to
-DENSE_MAX_SEQ_LEN, 256 on CPU; above it flex on CUDA and split elsewhere):
+DENSE_MAX_SEQ_LEN, on CPU 256 in fp32 and 512 in bf16; above it flex on CUDA and split
+elsewhere):
 
 - "dense": one SDPA call with a (B, 1, T, T) boolean mask. Simple and fast at small T, but the
   mask and the work grow with T².
