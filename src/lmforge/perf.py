@@ -67,11 +67,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves each allocation above its mmap threshold (128 KiB at first, rising
     with use to at most 32 MiB) with fresh pages from the kernel and unmaps them on free, so
     each new activation, gradient or logits chunk of a training step costs one page fault per
-    4 KiB touched. On the 2 vCPU
-    VM we measured, steps ran 1.13-1.33x faster without them (benchmarks/RESULTS.md). The
-    process's resident memory then stays at its peak instead of falling between steps, which a
-    training run reaches every step anyway. Returns whether it applied (glibc only; once per
-    process, as it cannot be undone).
+    4 KiB touched. On the 2 vCPU VM we measured, steps ran 1.13-1.33x faster without them
+    (benchmarks/RESULTS.md). The process's resident memory then stays at its peak instead of
+    falling between steps, which a training run reaches every step anyway. Returns whether it
+    applied (glibc only; once per process, as it cannot be undone).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
