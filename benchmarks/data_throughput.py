@@ -60,10 +60,11 @@ from cpu_meter import CpuMeter
 
 from lmforge.data import tokenize as tokenize_mod
 from lmforge.data.clean import clean
+from lmforge.data.config import DataConfig
 from lmforge.data.dedup import DedupConfig, Deduplicator, signature
 from lmforge.data.shards import open_shard, write_shard
 from lmforge.data.sources import SourceConfig, read_documents, resolve_files
-from lmforge.data.tokenize import DataConfig, read_manifest, split_of, tokenize_corpus
+from lmforge.data.tokenize import read_manifest, split_of, tokenize_corpus
 from lmforge.data.tokenize_workers import ProcessedDoc, Workers, input_batches
 from lmforge.data.tokenizer import TextTokenizer, TokenizerConfig, sample_sources, train_tokenizer
 

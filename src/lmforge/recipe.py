@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from lmforge.data.config import DataConfig
 from lmforge.data.longdata import DERIVED_SOURCES, LongDataConfig, is_derived
 from lmforge.data.mixture import MixtureStage
 from lmforge.data.packing import PackingConfig
 from lmforge.data.sft import SFTConfig
-from lmforge.data.tokenize import DataConfig
 from lmforge.data.tokenizer import TokenizerConfig
 from lmforge.eval.perplexity import EvalConfig
 from lmforge.generate import GenerateConfig

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.clean import CleanConfig
+from lmforge.data.config import DataConfig
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.loader import PackedLoader, split_sources
 from lmforge.data.mixture import DocumentStream, MixtureSource, StreamState
 from lmforge.data.packing import PackingConfig
 from lmforge.data.sources import SourceConfig, read_documents
-from lmforge.data.tokenize import DataConfig, tokenize_corpus
+from lmforge.data.tokenize import tokenize_corpus
 from lmforge.data.tokenizer import TokenizerConfig, sample_sources, train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus"

@@ -17,10 +17,11 @@ import pytest
 
 from lmforge.data import tokenize_workers
 from lmforge.data.clean import CleanConfig
+from lmforge.data.config import DataConfig
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.shards import list_shards, open_shard
 from lmforge.data.sources import DataError, SourceConfig
-from lmforge.data.tokenize import DataConfig, iter_corpus, split_of, tokenize_corpus
+from lmforge.data.tokenize import iter_corpus, split_of, tokenize_corpus
 from lmforge.data.tokenizer import TextTokenizer, TokenizerConfig, train_tokenizer
 
 ENGLISH = [f"Document number {i}: the cat sat on mat {i * 7}.\n" * (1 + i % 3) for i in range(40)]
